@@ -1,0 +1,102 @@
+"""The OSM graph contract shared by the graph builder and the models (DESIGN §3).
+
+A tile's OpenStreetMap data is a PyG ``HeteroData`` with three node types (``polygon``, ``line``, ``point``)
+and all nine ``(src, "to", dst)`` edge types, always present (possibly empty). This module is the only place
+that names them, fixes their order, the number of position anchors per type and the relation vocabularies of
+the one-hot ``edge_attr``. ``geolink.graph`` and ``geolink.models`` both import from here and from nowhere
+else across that boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch_geometric.data import HeteroData
+
+NODE_TYPES: tuple[str, ...] = ("polygon", "line", "point")
+"""Canonical node-type order."""
+
+NUM_ANCHORS: dict[str, int] = {"polygon": 4, "line": 3, "point": 1}
+"""Anchor points per node of each type: polygon = three interior points then the centroid;
+line = centroid, first vertex, last vertex; point = the point itself."""
+
+EdgeType = tuple[str, str, str]
+
+EDGE_TYPES: tuple[EdgeType, ...] = tuple((src, "to", dst) for src in NODE_TYPES for dst in NODE_TYPES)
+"""All nine edge types, source-major in canonical node order."""
+
+_SAME_DIMENSION = ("self", "touches", "overlaps", "covers", "covered_by", "equals")
+
+RELATIONS: dict[EdgeType, tuple[str, ...]] = {
+    ("polygon", "to", "polygon"): _SAME_DIMENSION,
+    ("line", "to", "line"): _SAME_DIMENSION,
+    ("line", "to", "polygon"): ("touches", "crosses", "covered_by"),
+    ("polygon", "to", "line"): ("touches", "crosses", "covers"),
+    ("point", "to", "line"): ("touches", "within"),
+    ("point", "to", "polygon"): ("touches", "within"),
+    ("line", "to", "point"): ("touches", "contains"),
+    ("polygon", "to", "point"): ("touches", "contains"),
+    ("point", "to", "point"): ("self", "delaunay"),
+}
+"""Relation vocabulary of each edge type: ``edge_attr`` is a one-hot over it, describing **src relative to dst**."""
+
+
+def edge_type_name(edge_type: EdgeType) -> str:
+    """The flat name of an edge type used in files and state dicts, e.g. ``"line__to__polygon"``."""
+    return "__".join(edge_type)
+
+
+def empty_graph(feature_dim: int, crs: str = "EPSG:4326", bbox: tuple[float, float, float, float] | None = None
+                ) -> HeteroData:
+    """A graph with every node and edge type present and no nodes.
+
+    Args:
+        feature_dim: width ``D`` of the node features ``x`` (the text model width).
+        crs: coordinate reference system of ``bbox``.
+        bbox: (west, south, east, north); NaNs when unknown.
+    """
+    graph = HeteroData()
+    for node_type in NODE_TYPES:
+        graph[node_type].x = torch.zeros(0, feature_dim)
+        graph[node_type].pos = torch.zeros(0, NUM_ANCHORS[node_type], 2)
+    for edge_type in EDGE_TYPES:
+        graph[edge_type].edge_index = torch.zeros(2, 0, dtype=torch.long)
+        graph[edge_type].edge_attr = torch.zeros(0, len(RELATIONS[edge_type]))
+    graph.bbox = torch.tensor([bbox if bbox is not None else [float("nan")] * 4], dtype=torch.float64)
+    graph.crs = crs
+    return graph
+
+
+def validate_graph(graph: HeteroData, feature_dim: int | None = None) -> None:
+    """Check that ``graph`` follows the contract; raise ``ValueError`` naming the first violation.
+
+    Works on single graphs and on ``Batch.from_data_list`` batches.
+
+    Args:
+        graph: the graph to check.
+        feature_dim: expected width of ``x``; not checked when None.
+    """
+    for node_type in NODE_TYPES:
+        if node_type not in graph.node_types:
+            raise ValueError(f"graph has no node type {node_type!r}; every graph needs all of {NODE_TYPES}")
+        store = graph[node_type]
+        if "x" not in store or "pos" not in store:
+            raise ValueError(f"graph[{node_type!r}] needs both 'x' [N, D] and 'pos' [N, A, 2]")
+        x, pos = store.x, store.pos
+        if x.dim() != 2:
+            raise ValueError(f"graph[{node_type!r}].x must be [N, D], got shape {tuple(x.shape)}")
+        if feature_dim is not None and x.shape[1] != feature_dim:
+            raise ValueError(f"graph[{node_type!r}].x has width {x.shape[1]}, the model expects {feature_dim}: "
+                             "build the graph with the text model the model was trained with")
+        anchors = NUM_ANCHORS[node_type]
+        if pos.shape != (x.shape[0], anchors, 2):
+            raise ValueError(f"graph[{node_type!r}].pos must be [{x.shape[0]}, {anchors}, 2], got {tuple(pos.shape)}")
+    for edge_type in EDGE_TYPES:
+        if edge_type not in graph.edge_types:
+            raise ValueError(f"graph has no edge type {edge_type}; empty edge types must be present as [2, 0]")
+        edge_index = graph[edge_type].edge_index
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"graph[{edge_type}].edge_index must be [2, E], got {tuple(edge_index.shape)}")
+        src, _, dst = edge_type
+        if edge_index.numel() and (int(edge_index[0].max()) >= graph[src].num_nodes
+                                   or int(edge_index[1].max()) >= graph[dst].num_nodes):
+            raise ValueError(f"graph[{edge_type}].edge_index points past the last node")
