@@ -1,0 +1,301 @@
+"""Conversion of the official GeoLink research checkpoints and graphs into geolink models and graphs.
+
+Official checkpoints are ``.pth`` files holding ``{"model_config": {...}, "model_state_dict": {...}}`` (DESIGN §6).
+They are read with ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain
+containers, so a crafted file cannot run code. ``official_to_geolink`` is the single filter function that renames
+official keys; every width is inferred from tensor shapes and checked against the timm architecture named in the
+file, and loading is strict.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch_geometric.data import HeteroData
+
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
+from geolink.hub import load_state_dict_checked
+from geolink.models.image import GeoLinkImageEncoder
+from geolink.models.pretrain import GeoLinkForPretraining
+
+# official prefix -> geolink prefix (GeoLinkForPretraining); the first match wins
+_PREFIX_MAP: tuple[tuple[str, str], ...] = (
+    ("cls_token", "fusion_encoder.image_encoder.trunk.cls_token"),
+    ("img_pos_embed", "fusion_encoder.image_encoder.trunk.pos_embed"),
+    ("img_norm.", "fusion_encoder.image_encoder.trunk.norm."),
+    ("img_encoder.patch_embed.", "fusion_encoder.image_encoder.trunk.patch_embed."),
+    ("img_encoder.blocks.", "fusion_encoder.image_encoder.trunk.blocks."),
+    ("osm_encoder.convs.0.", "fusion_encoder.osm_encoder.conv."),
+    ("osm_norm.", "fusion_encoder.osm_encoder.norm."),
+    ("osm_read_out.", "fusion_encoder.osm_encoder.readout."),
+    ("osm_aggr_mlp.", "fusion_encoder.osm_encoder.readout_proj."),
+    ("type_attention.", "fusion_encoder.osm_encoder.type_attention."),
+    ("img_fusion_mlp.", "fusion_encoder.image_proj."),
+    ("osm_node_fusion_mlp.", "fusion_encoder.node_proj."),
+    ("osm_cross_modal_encoder.", "fusion_encoder.blocks."),
+    ("img_decoder_mlp.", "decoder_embed."),
+    ("img_mask_token", "mask_token"),
+    ("img_cross_modal_decoder.", "decoder_blocks."),
+    ("img_decoder_norm.", "decoder_norm."),
+    ("img_decoder_pred.", "decoder_pred."),
+    ("img_consistency_prj.", "image_projection."),
+    ("osm_graph_consistency_prj.", "region_projection."),
+    ("osm_mask_token.", "node_mask_token."),
+    ("osm_node_pred.", "node_pred."),
+)
+# names inside each official two-way block -> geolink TwoWayFusionBlock
+_FUSION_BLOCK_MAP = {
+    "self_attn": "node_self_attn", "norm1": "node_self_norm",
+    "cross_attn_token_to_image": "image_attn", "norm2": "image_norm",
+    "cross_attn_image_to_token": "node_attn", "norm3": "node_attn_norm",
+    "mlp": "node_mlp", "norm4": "node_mlp_norm",
+}
+# official tensors that geolink recomputes or that the official model never used
+_DROPPED = ("img_encoder.cls_token", "img_encoder.pos_embed", "img_encoder.norm.", "patch_embed.",
+            "rec_img_pos_embed", "fusion_img_pos_embed")
+
+
+class OfficialCheckpointError(ValueError):
+    """An official checkpoint that geolink cannot convert (unsafe, corrupt or of an unknown layout)."""
+
+
+def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an official ``.pth`` safely: ``(model_config, state_dict)``.
+
+    Raises:
+        OfficialCheckpointError: the file holds pickled objects other than tensors (refused, never executed), is not
+            a checkpoint, or is truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise OfficialCheckpointError(
+            f"{path} contains pickled Python objects that are not plain tensors; geolink refuses to unpickle them "
+            f"(that could run arbitrary code). Official GeoLink checkpoints hold only tensors — re-download the file "
+            f"from the official release. Detail: {str(error).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise OfficialCheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                      f"{error}") from None
+    if isinstance(content, dict) and "model_state_dict" in content:
+        config, state_dict = dict(content.get("model_config") or {}), content["model_state_dict"]
+    elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        config, state_dict = {}, content
+    else:
+        raise OfficialCheckpointError(f"{path} is neither an official GeoLink checkpoint "
+                                      "({'model_config', 'model_state_dict'}) nor a plain state dict")
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise OfficialCheckpointError(f"{path}: model_state_dict holds non-tensor values")
+    return config, state_dict
+
+
+def is_multimodal(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True for a full GeoLink (image + OSM) state dict, False for a timm ViT one."""
+    return any(k.startswith("osm_encoder.") for k in state_dict)
+
+
+def official_to_geolink(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint filter: official multimodal keys -> ``GeoLinkForPretraining`` keys.
+
+    Tensors geolink recomputes (the fixed sin-cos tables of the decoder and the fusion block) and the official
+    model's unused copies (``img_encoder.cls_token/pos_embed/norm``) are dropped; the patch embedding is taken from
+    the top-level ``patch_embed`` alias (see below). Keys no rule covers are kept as they are, so strict loading
+    reports them.
+    """
+    # The official model registers ``patch_embed`` as an alias of ``img_encoder.patch_embed`` *after* it, so
+    # ``load_state_dict`` writes the alias last: when the two copies differ, the alias is what the model ran with.
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if k.startswith("patch_embed.")]:
+        state_dict["img_encoder." + key] = state_dict[key]
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(_DROPPED):
+            continue
+        new_key = key
+        for old, new in _PREFIX_MAP:
+            if key.startswith(old):
+                new_key = new + key[len(old):]
+                break
+        if new_key.startswith("fusion_encoder.blocks."):
+            new_key = re.sub(r"^(fusion_encoder\.blocks\.\d+\.)([a-z_0-9]+)",
+                             lambda m: m.group(1) + _FUSION_BLOCK_MAP.get(m.group(2), m.group(2)), new_key)
+        converted[new_key] = tensor
+    return converted
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _require(state_dict: dict[str, torch.Tensor], keys: list[str], path: str | Path) -> None:
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise OfficialCheckpointError(f"{path} lacks the official keys {missing}; it is not a GeoLink checkpoint "
+                                      "of a known layout")
+
+
+def infer_official_config(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                          path: str | Path = "<state dict>") -> dict[str, Any]:
+    """``GeoLinkForPretraining`` kwargs of an official multimodal checkpoint, widths read from tensor shapes.
+
+    Attention head counts are not visible in shapes; the official defaults (16 for the decoder and the fusion
+    block) are used, and the ViT's come from the timm architecture named in ``model_config``.
+    """
+    _require(state_dict, ["cls_token", "img_pos_embed", "img_encoder.patch_embed.proj.weight", "img_fusion_mlp.weight",
+                          "img_decoder_mlp.weight", "img_consistency_prj.weight", "osm_mask_token.point"], path)
+    patch_weight = state_dict["img_encoder.patch_embed.proj.weight"]
+    patch_size, in_chans = patch_weight.shape[-1], patch_weight.shape[1]
+    grid = round((state_dict["img_pos_embed"].shape[1] - 1) ** 0.5)
+    conv_key = next((k for k in state_dict if k.startswith("osm_encoder.convs.0.convs.") and k.endswith("lin.weight")),
+                    None)
+    if conv_key is None:
+        raise OfficialCheckpointError(f"{path} has no osm_encoder GATConv weights (osm_encoder.convs.0.convs.*)")
+    config = {
+        "trunk": model_config.get("architecture") or _guess_trunk(state_dict, path),
+        "img_size": grid * patch_size,
+        "in_chans": in_chans,
+        "text_dim": state_dict["osm_mask_token.point"].shape[1],
+        "osm_dim": state_dict[conv_key].shape[0],
+        "type_weighting": "sum",
+        "fusion_dim": state_dict["img_fusion_mlp.weight"].shape[0],
+        "fusion_depth": _count_blocks(state_dict, "osm_cross_modal_encoder."),
+        "decoder_dim": state_dict["img_decoder_mlp.weight"].shape[0],
+        "decoder_depth": _count_blocks(state_dict, "img_cross_modal_decoder."),
+        "projection_dim": state_dict["img_consistency_prj.weight"].shape[0],
+    }
+    _check_trunk(config["trunk"], state_dict["cls_token"].shape[-1], _count_blocks(state_dict, "img_encoder.blocks."),
+                 patch_size, path)
+    return config
+
+
+def _guess_trunk(state_dict: dict[str, torch.Tensor], path: str | Path) -> str:
+    """timm ViT name from widths, for files whose model_config lacks ``architecture``."""
+    widths = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+    prefix = "img_encoder." if is_multimodal(state_dict) else ""
+    dim = state_dict["cls_token"].shape[-1]
+    patch = state_dict[prefix + "patch_embed.proj.weight"].shape[-1]
+    if dim not in widths:
+        raise OfficialCheckpointError(f"{path}: no model_config.architecture and no standard ViT of width {dim}")
+    grid = round((state_dict["img_pos_embed" if prefix else "pos_embed"].shape[1] - 1) ** 0.5)
+    return f"vit_{widths[dim]}_patch{patch}_{grid * patch}"
+
+
+def _check_trunk(trunk: str, embed_dim: int, depth: int, patch_size: int, path: str | Path) -> None:
+    import timm
+
+    if trunk not in timm.list_models():
+        raise OfficialCheckpointError(f"{path}: unknown timm architecture {trunk!r} in model_config")
+    reference = timm.create_model(trunk, pretrained=False, num_classes=0)
+    expected = (reference.embed_dim, len(reference.blocks), reference.patch_embed.patch_size[0])
+    if expected != (embed_dim, depth, patch_size):
+        raise OfficialCheckpointError(
+            f"{path}: model_config names {trunk} (width {expected[0]}, {expected[1]} blocks, patch {expected[2]}) "
+            f"but the tensors have width {embed_dim}, {depth} blocks, patch {patch_size}")
+
+
+def load_official_checkpoint(path: str | Path) -> GeoLinkForPretraining | GeoLinkImageEncoder:
+    """Load an official GeoLink release file.
+
+    Returns:
+        ``GeoLinkForPretraining`` (``type_weighting="sum"``, as trained) for a multimodal file,
+        ``GeoLinkImageEncoder`` for a unimodal (timm ViT) file; in eval mode.
+
+    Raises:
+        OfficialCheckpointError: unsafe, corrupt or unknown files, or tensors that do not match the inferred
+            architecture (the message names the keys).
+    """
+    model_config, state_dict = read_official_checkpoint(path)
+    if is_multimodal(state_dict):
+        model = GeoLinkForPretraining(**infer_official_config(model_config, state_dict, path))
+        target, tensors = model, official_to_geolink(state_dict)
+    else:
+        _require(state_dict, ["cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"], path)
+        patch_weight = state_dict["patch_embed.proj.weight"]
+        trunk = model_config.get("architecture") or _guess_trunk(state_dict, path)
+        _check_trunk(trunk, state_dict["cls_token"].shape[-1], _count_blocks(state_dict, "blocks."),
+                     patch_weight.shape[-1], path)
+        grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
+        model = GeoLinkImageEncoder(trunk=trunk, img_size=grid * patch_weight.shape[-1], in_chans=patch_weight.shape[1])
+        target, tensors = model.trunk, state_dict
+    try:
+        load_state_dict_checked(target, tensors, source=str(path))
+    except ValueError as error:
+        raise OfficialCheckpointError(str(error)) from None
+    return model.eval()
+
+
+def graph_from_official(official: HeteroData, text_dim: int | None = None) -> HeteroData:
+    """An official-layout graph -> a geolink graph (DESIGN §3).
+
+    Official node features are ``[N, text_dim + 2A]``: tag features, then the A anchors flattened as (u, v) pairs.
+    Edge types the official graph lacks become empty ones; ``edge_attr`` is kept (same vocabularies).
+
+    Args:
+        official: ``HeteroData`` with ``x`` per node type and ``edge_index``/``edge_attr`` per edge type.
+        text_dim: tag feature width; inferred from the widths when None.
+
+    Returns:
+        A new graph; ``official`` is not modified.
+    """
+    graph = HeteroData()
+    for node_type in NODE_TYPES:
+        if node_type not in official.node_types:
+            raise ValueError(f"official graph has no {node_type!r} nodes at all (not even an empty [0, D] x)")
+        x = official[node_type].x
+        anchors = NUM_ANCHORS[node_type]
+        width = x.shape[1] - 2 * anchors if text_dim is None else text_dim
+        if width <= 0 or x.shape[1] != width + 2 * anchors:
+            raise ValueError(f"official {node_type} features have width {x.shape[1]}; expected text_dim + "
+                             f"{2 * anchors} anchor coordinates")
+        graph[node_type].x = x[:, :width].float().clone()
+        graph[node_type].pos = x[:, width:].float().reshape(-1, anchors, 2).clone()
+    for edge_type in EDGE_TYPES:
+        num_relations = len(RELATIONS[edge_type])
+        if edge_type in official.edge_types:
+            store = official[edge_type]
+            edge_index = store.edge_index.long().clone()
+            edge_attr = store.get("edge_attr")
+            edge_attr = (edge_attr.float().clone() if edge_attr is not None
+                         else torch.zeros(edge_index.shape[1], num_relations))
+            if edge_attr.shape != (edge_index.shape[1], num_relations):
+                raise ValueError(f"official {edge_type_name(edge_type)} edge_attr has shape {tuple(edge_attr.shape)}, "
+                                 f"expected [{edge_index.shape[1]}, {num_relations}]")
+        else:
+            edge_index, edge_attr = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, num_relations)
+        graph[edge_type].edge_index = edge_index
+        graph[edge_type].edge_attr = edge_attr
+    graph.bbox = torch.full((1, 4), float("nan"), dtype=torch.float64)
+    graph.crs = "EPSG:4326"
+    return graph
+
+
+def official_graph_from_tensors(tensors: dict[str, torch.Tensor], prefix: str = "") -> HeteroData:
+    """Rebuild an official-layout ``HeteroData`` from flat tensors (``<type>.x``,
+    ``<src>__to__<dst>.edge_index``/``.edge_attr``) as stored in safetensors files, optionally under ``prefix``."""
+    official = HeteroData()
+    for node_type in NODE_TYPES:
+        key = f"{prefix}{node_type}.x"
+        if key in tensors:
+            official[node_type].x = tensors[key]
+    for edge_type in EDGE_TYPES:
+        base = f"{prefix}{edge_type_name(edge_type)}"
+        if f"{base}.edge_index" in tensors:
+            official[edge_type].edge_index = tensors[f"{base}.edge_index"]
+            if f"{base}.edge_attr" in tensors:
+                official[edge_type].edge_attr = tensors[f"{base}.edge_attr"]
+    return official
+
+
+def load_official_graph(path: str | Path, prefix: str = "", text_dim: int | None = None) -> HeteroData:
+    """Read an official-layout graph stored as safetensors (e.g. the UFZ examples) as a geolink graph."""
+    import safetensors.torch
+
+    return graph_from_official(official_graph_from_tensors(safetensors.torch.load_file(str(path)), prefix), text_dim)

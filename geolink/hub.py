@@ -1,0 +1,179 @@
+"""Hugging Face Hub glue: the save/load mixin every geolink model uses, strict loading, model cards.
+
+Every model saves ``config.json`` (its constructor kwargs) + ``model.safetensors`` + ``README.md`` (model card) and
+loads strictly: a missing, unexpected or mis-shaped tensor is an error naming the keys, never a silent partial load.
+Weights are only ever read with safetensors, never unpickled. The image encoder overrides the file layout so its
+folder is also a plain timm folder (see ``geolink.models.image``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+PAPER_URL = "https://arxiv.org/abs/2509.26016"
+PROJECT_URL = "https://pypi.org/project/geolink/"
+
+CITATION = """@inproceedings{bai2025geolink,
+  title     = {GeoLink: Empowering Remote Sensing Foundation Model with OpenStreetMap Data},
+  author    = {Bai, Lubin and others},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2025},
+  url       = {https://arxiv.org/abs/2509.26016}
+}"""
+
+ODBL_ATTRIBUTION = ("Contains information from OpenStreetMap, © OpenStreetMap contributors, available under the "
+                    "Open Database License (ODbL) — https://www.openstreetmap.org/copyright")
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+
+This is a [geolink]({{ repo_url }}) model: the GeoLink remote-sensing foundation model
+([paper]({{ paper_url }})), a ViT image encoder pretrained together with OpenStreetMap data encoded as a
+heterogeneous graph.
+
+## Usage
+
+```python
+{{ usage }}
+```
+
+## Weights
+
+{{ weights }}
+
+## Licence and attribution
+
+Weights licence: {{ weights_license }}.
+
+{{ odbl }}
+
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+
+class GeoLinkHubMixin(
+    PyTorchModelHubMixin,
+    library_name="geolink",
+    license="mit",
+    repo_url=PROJECT_URL,
+    paper_url=PAPER_URL,
+    tags=["geolink", "remote-sensing", "openstreetmap", "earth-observation"],
+    model_card_template=MODEL_CARD_TEMPLATE,
+):
+    """``PyTorchModelHubMixin`` with strict safetensors-only loading and the geolink model card.
+
+    Subclasses are ``nn.Module``s whose constructor kwargs are their whole config. ``save_pretrained(dir)``,
+    ``from_pretrained(dir_or_repo_id)`` and ``push_to_hub(repo_id)`` come from the mixin.
+    """
+
+    weights_license: str = "MIT (weights you trained yourself: your choice)"
+    weights_description: str = "Weights as saved by `save_pretrained`; see the training run that produced them."
+
+    def weights_module(self) -> torch.nn.Module:
+        """The module whose ``state_dict`` is the weight file (the image encoder stores its timm trunk)."""
+        return self  # type: ignore[return-value]
+
+    def hub_config(self) -> dict[str, Any]:
+        """``config.json``: the constructor kwargs plus ``model_class``, which tells ``geolink.load_model`` (and
+        the component extraction of ``create_model``) what the folder holds."""
+        return {**(self._hub_mixin_config or {}), "model_class": type(self).__name__}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        state_dict = {k: v.detach().contiguous() for k, v in self.weights_module().state_dict().items()}
+        safetensors.torch.save_file(state_dict, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.hub_config(), indent=2, sort_keys=True))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ):
+        if os.path.isdir(model_id):
+            weights_file = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights_file):
+                raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME}: not a geolink model folder "
+                                        "(save one with `model.save_pretrained(dir)`)")
+        else:
+            weights_file = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
+                                           cache_dir=cache_dir, force_download=force_download, token=token,
+                                           local_files_only=local_files_only)
+        model = cls(**model_kwargs)
+        state_dict = safetensors.torch.load_file(weights_file, device=str(map_location))
+        load_state_dict_checked(model.weights_module(), state_dict, source=weights_file, strict=strict)
+        model.eval()
+        return model
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        fields = {
+            "model_name": type(self).__name__,
+            "summary": (type(self).__doc__ or "").strip().split("\n\n")[0],
+            "usage": f"from geolink.models import {type(self).__name__}\n"
+                     f"model = {type(self).__name__}.from_pretrained(\"<this repo id or folder>\")",
+            "weights": self.weights_description,
+            "weights_license": self.weights_license,
+            "odbl": ODBL_ATTRIBUTION,
+            "citation": CITATION,
+        }
+        fields.update(kwargs)
+        return super().generate_model_card(*args, **fields)
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                            strict: bool = True) -> None:
+    """Load ``state_dict`` into ``module``; with ``strict`` any key or shape mismatch is an error naming the keys.
+
+    Args:
+        module: the model (or sub-module) to load into.
+        state_dict: tensors by key.
+        source: where the tensors came from, for the error message.
+        strict: refuse missing and unexpected keys (shape mismatches are always refused).
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
+    if problems:
+        raise ValueError(f"weights in {source} do not match {type(module).__name__}'s config: " + "; ".join(problems)
+                         + ". Check that config.json and the weights come from the same model.")
+    module.load_state_dict(state_dict, strict=strict)
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", … (+{len(items) - limit} more)" if len(items) > limit else "")

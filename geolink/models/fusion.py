@@ -1,0 +1,249 @@
+"""The GeoLink fusion encoder: image + OSM → multi-level feature maps.
+
+Image tokens of the last requested ViT block (final-normed, projected to ``fusion_dim``) are the queries Q; every OSM
+node of the sample (projected per type to ``fusion_dim``) is a key K. A two-way transformer block exchanges
+information both ways, with fixed sin-cos positions for both (patch centres for Q, the mean embedding of a node's
+anchors for K)::
+
+    K = LN(K + SelfAttn(K + PK, K + PK, K))        # nodes talk to each other
+    Q = LN(Q + Attn(Q + PQ, K + PK, K))            # image tokens read the nodes
+    K = LN(K + Attn(K + PK, Q + PQ, Q))            # nodes read the image
+    K = LN(Linear(K))
+
+The fused Q replaces the last map. Samples are packed into a padded ``[B, N_max, C]`` node tensor with a key mask
+(vectorised, no loop over samples); a sample without nodes gets a finite output (its image tokens attend to nothing
+and keep only the attention bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.data import HeteroData
+
+from geolink.graph.schema import NODE_TYPES
+from geolink.hub import GeoLinkHubMixin
+from geolink.models.image import GeoLinkImageEncoder
+from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors, graph_edge_index_dict
+from geolink.models.pos_embed import anchor_embedding, sincos_grid
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a key padding mask, on ``scaled_dot_product_attention``.
+
+    Parameters are laid out as in ``nn.MultiheadAttention`` (packed ``in_proj_weight``/``in_proj_bias``,
+    ``out_proj``). A query whose keys are all masked attends to nothing: its output is ``out_proj.bias``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``query [B, T, C]``, ``key``/``value [B, S, C]``, ``key_padding_mask [B, S]`` (True = ignore)
+        -> ``[B, T, C]``."""
+        batch, length, dim = query.shape
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        heads = self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, x.shape[1], heads, dim // heads).transpose(1, 2)
+
+        q, k, v = split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)), split(F.linear(value, w_v, b_v))
+        attn_mask = has_keys = None
+        if key_padding_mask is not None:
+            has_keys = ~key_padding_mask.all(dim=1)  # [B]
+            # rows without any valid key attend over the padding (finite) and are zeroed below
+            attend = ~key_padding_mask | ~has_keys.unsqueeze(1)
+            attn_mask = attend[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        if has_keys is not None:
+            out = out * has_keys[:, None, None].to(out.dtype)
+        return self.out_proj(out)
+
+
+class TwoWayFusionBlock(nn.Module):
+    """Two-way attention between image tokens (queries) and OSM node tokens (keys); see the module docstring."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.node_self_attn = Attention(dim, num_heads, dropout)
+        self.node_self_norm = nn.LayerNorm(dim)
+        self.image_attn = Attention(dim, num_heads, dropout)
+        self.image_norm = nn.LayerNorm(dim)
+        self.node_attn = Attention(dim, num_heads, dropout)
+        self.node_attn_norm = nn.LayerNorm(dim)
+        self.node_mlp = nn.Linear(dim, dim)
+        self.node_mlp_norm = nn.LayerNorm(dim)
+
+    def forward(self, image: torch.Tensor, nodes: torch.Tensor, image_pos: torch.Tensor, node_pos: torch.Tensor,
+                node_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image [B, L, C]``, ``nodes [B, N, C]``, positions of the same shapes, ``node_padding_mask [B, N]``
+        (True = padding) -> updated ``(image, nodes)``."""
+        keyed = nodes + node_pos
+        nodes = self.node_self_norm(nodes + self.node_self_attn(keyed, keyed, nodes, node_padding_mask))
+        image = self.image_norm(image + self.image_attn(image + image_pos, nodes + node_pos, nodes, node_padding_mask))
+        nodes = self.node_attn_norm(nodes + self.node_attn(nodes + node_pos, image + image_pos, image))
+        nodes = self.node_mlp_norm(self.node_mlp(nodes))
+        return image, nodes
+
+
+def pack_nodes(tokens: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scatter nodes of all graphs into padded per-graph tensors (order within a graph is kept).
+
+    Args:
+        tokens: ``[N, C]`` node tokens.
+        pos: ``[N, C]`` their position embeddings.
+        batch: ``[N]`` graph index of each node.
+        num_graphs: B.
+
+    Returns:
+        ``tokens [B, N_max, C]``, ``pos [B, N_max, C]``, ``padding_mask [B, N_max]`` (True = padding);
+        ``N_max >= 1`` so a batch without nodes still has a (fully masked) key.
+    """
+    order = torch.sort(batch, stable=True).indices
+    tokens, pos, batch = tokens[order], pos[order], batch[order]
+    counts = torch.bincount(batch, minlength=num_graphs)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(batch.numel(), device=batch.device) - starts[batch]
+    max_nodes = max(1, int(counts.max())) if num_graphs else 1
+    packed = tokens.new_zeros(num_graphs, max_nodes, tokens.shape[1])
+    packed_pos = pos.new_zeros(num_graphs, max_nodes, pos.shape[1])
+    packed[batch, slot] = tokens
+    packed_pos[batch, slot] = pos
+    padding_mask = torch.arange(max_nodes, device=batch.device).unsqueeze(0) >= counts.unsqueeze(1)
+    return packed, packed_pos, padding_mask
+
+
+class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
+    """GeoLink fusion encoder: multi-level feature maps of an image fused with its OSM graph.
+
+    ``forward(images, graphs)`` returns the raw block outputs at ``out_indices`` as ``[B, D, H/p, W/p]`` maps, the
+    last one replaced by the fused ``[B, fusion_dim, H/p, W/p]`` map — ready for a UPerNet-style decoder.
+
+    Args:
+        trunk, img_size, in_chans, drop_path_rate: the image encoder (see :class:`GeoLinkImageEncoder`).
+        text_dim, osm_dim, type_weighting, set2set_steps: the OSM encoder (see :class:`GeoLinkOSMEncoder`).
+        fusion_dim: width of the two-way blocks.
+        fusion_depth: number of two-way blocks.
+        fusion_num_heads: attention heads of the two-way blocks.
+        fusion_dropout: attention dropout of the two-way blocks (training only).
+        out_indices: default output blocks; ``None`` = ``[7, 11, 15, 23]`` for 24 blocks (``[3, 5, 7, 11]`` for 12).
+    """
+
+    weights_description = "A GeoLink fusion encoder (image encoder + OSM encoder + two-way fusion block)."
+
+    def __init__(
+        self,
+        trunk: str = "vit_large_patch16_224",
+        img_size: int = 224,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        text_dim: int = 512,
+        osm_dim: int = 128,
+        type_weighting: str = "sum",
+        set2set_steps: int = 5,
+        fusion_dim: int = 256,
+        fusion_depth: int = 1,
+        fusion_num_heads: int = 16,
+        fusion_dropout: float = 0.1,
+        out_indices: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = GeoLinkImageEncoder(trunk=trunk, img_size=img_size, in_chans=in_chans,
+                                                 drop_path_rate=drop_path_rate)
+        self.osm_encoder = GeoLinkOSMEncoder(text_dim=text_dim, osm_dim=osm_dim, type_weighting=type_weighting,
+                                             set2set_steps=set2set_steps)
+        self.fusion_dim = fusion_dim
+        self.out_indices = self.image_encoder.resolve_indices(
+            list(out_indices) if out_indices is not None else self.image_encoder.default_out_indices)
+        self.image_proj = nn.Linear(self.image_encoder.embed_dim, fusion_dim)
+        self.node_proj = nn.ModuleDict({t: nn.Linear(osm_dim, fusion_dim) for t in NODE_TYPES})
+        self.blocks = nn.ModuleList(
+            [TwoWayFusionBlock(fusion_dim, fusion_num_heads, fusion_dropout) for _ in range(fusion_depth)])
+        grid = self.image_encoder.grid_size
+        self.register_buffer("image_pos", sincos_grid(*grid, fusion_dim), persistent=False)
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of each output map."""
+        return [self.image_encoder.embed_dim] * (len(self.out_indices) - 1) + [self.fusion_dim]
+
+    def image_pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[L, fusion_dim]`` sin-cos positions of the image tokens of a patch grid."""
+        if tuple(grid) == self.image_encoder.grid_size:
+            return self.image_pos
+        return sincos_grid(*grid, self.fusion_dim).to(self.image_pos)
+
+    def node_tokens(self, node_embeddings: dict[str, torch.Tensor], graph: HeteroData, grid: tuple[int, int],
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per type: fusion-width node tokens ``[N_t, fusion_dim]`` and their anchor position embeddings."""
+        tokens = {t: self.node_proj[t](node_embeddings[t]) for t in NODE_TYPES}
+        pos = {t: anchor_embedding(graph[t].pos, grid[0], grid[1], self.fusion_dim).to(tokens[t].dtype)
+               for t in NODE_TYPES}
+        return tokens, pos
+
+    def fuse(self, image_tokens: torch.Tensor, image_pos: torch.Tensor, nodes: torch.Tensor, node_pos: torch.Tensor,
+             node_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the two-way blocks.
+
+        Args:
+            image_tokens: ``[B, L, D]`` final-normed image tokens (patches only).
+            image_pos: ``[B or 1, L, fusion_dim]``.
+            nodes: ``[B, N, fusion_dim]`` packed node tokens; ``node_pos`` the same shape.
+            node_padding_mask: ``[B, N]``, True = padding.
+
+        Returns:
+            fused image tokens ``[B, L, fusion_dim]`` and node tokens ``[B, N, fusion_dim]``.
+        """
+        image = self.image_proj(image_tokens)
+        image_pos = image_pos.expand(image.shape[0], -1, -1)
+        for block in self.blocks:
+            image, nodes = block(image, nodes, image_pos, node_pos, node_padding_mask)
+        return image, nodes
+
+    def forward(self, images: torch.Tensor, graph: HeteroData, layers: Sequence[int] | None = None
+                ) -> list[torch.Tensor]:
+        """Multi-level maps of images fused with their OSM graphs.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            graph: a ``Batch`` of B graphs (``Batch.from_data_list``), or one ``HeteroData`` when B = 1.
+            layers: block indices to return (default ``out_indices``); the last one is fused.
+
+        Returns:
+            ``len(layers)`` maps ``[B, D, H/p, W/p]``, the last ``[B, fusion_dim, H/p, W/p]``.
+        """
+        indices = self.image_encoder.resolve_indices(layers) if layers is not None else self.out_indices
+        batch_dict, num_graphs = graph_batch_vectors(graph)
+        if num_graphs != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+        grid = (images.shape[-2] // self.image_encoder.patch_size, images.shape[-1] // self.image_encoder.patch_size)
+        maps = self.image_encoder.forward_intermediates(images, indices=indices, output_fmt="NLC",
+                                                        intermediates_only=True)
+        node_embeddings = self.osm_encoder.forward_dict({t: graph[t].x for t in NODE_TYPES},
+                                                        graph_edge_index_dict(graph), batch_dict, num_graphs)
+        tokens, pos = self.node_tokens(node_embeddings, graph, grid)
+        nodes, node_pos, padding_mask = pack_nodes(torch.cat([tokens[t] for t in NODE_TYPES]),
+                                                   torch.cat([pos[t] for t in NODE_TYPES]),
+                                                   torch.cat([batch_dict[t] for t in NODE_TYPES]), num_graphs)
+        fused, _ = self.fuse(self.image_encoder.trunk.norm(maps[-1]), self.image_pos_table(grid).unsqueeze(0),
+                             nodes, node_pos, padding_mask)
+        maps[-1] = fused
+        return [m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid) for m in maps]

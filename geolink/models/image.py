@@ -1,0 +1,220 @@
+"""The GeoLink image encoder: a stock timm ViT trunk with a fixed 2-D sin-cos position table.
+
+The trunk is an unmodified ``timm`` ``VisionTransformer`` (``num_classes=0``, ``global_pool=''``); GeoLink's
+fixed MAE sin-cos table lives in ``trunk.pos_embed`` (cls row zero) and its cls token and final norm in the timm
+slots, so the saved folder is a plain timm folder: ``timm.create_model("local-dir:<dir>", pretrained=True)`` gives the
+same ``forward_features`` without geolink installed. geolink adds inputs of any size that is a multiple of the patch
+size (the sin-cos table is regenerated for the new grid, not interpolated) and a timm-style
+``forward_intermediates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from geolink.hub import GeoLinkHubMixin
+from geolink.models.pos_embed import sincos_grid
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
+    """GeoLink ViT image encoder (timm trunk, fixed sin-cos positions).
+
+    Args:
+        trunk: timm ViT architecture name, e.g. ``"vit_large_patch16_224"`` (the paper's) or ``"vit_tiny_patch16_224"``.
+        img_size: the training input size; other multiples of the patch size work at inference.
+        in_chans: input bands.
+        drop_path_rate: stochastic depth for fine-tuning.
+    """
+
+    weights_description = "The image branch of a GeoLink model, stored as a timm ViT (cls token, sin-cos table, norm)."
+
+    def __init__(self, trunk: str = "vit_large_patch16_224", img_size: int = 224, in_chans: int = 3,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.trunk = timm.create_model(trunk, pretrained=False, num_classes=0, global_pool="", img_size=img_size,
+                                       in_chans=in_chans, drop_path_rate=drop_path_rate)
+        if getattr(self.trunk, "no_embed_class", True) or self.trunk.cls_token is None:
+            raise ValueError(f"{trunk!r} is not a ViT with a class token and a pos_embed row for it; "
+                             "GeoLink needs e.g. vit_large_patch16_224")
+        self.trunk_name = trunk
+        self.embed_dim: int = self.trunk.embed_dim
+        self.patch_size: int = self.trunk.patch_embed.patch_size[0]
+        self.depth: int = len(self.trunk.blocks)
+        self.grid_size: tuple[int, int] = tuple(self.trunk.patch_embed.grid_size)
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.drop_path_rate = drop_path_rate
+        table = sincos_grid(*self.grid_size, self.embed_dim, cls_token=True)
+        self.trunk.pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
+
+    @property
+    def default_out_indices(self) -> list[int]:
+        """The four block indices GeoLink reads multi-level features from: ``[7, 11, 15, 23]`` for 24 blocks,
+        ``[3, 5, 7, 11]`` for 12."""
+        return [self.depth // 3 - 1, self.depth // 2 - 1, 2 * self.depth // 3 - 1, self.depth - 1]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # stages
+    def patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Embed patches and add their sin-cos positions (no cls token yet).
+
+        Args:
+            images: ``[B, C, H, W]``, H and W multiples of the patch size.
+
+        Returns:
+            ``([B, L, D], (H/p, W/p))`` with ``L = H/p · W/p`` in row-major order.
+        """
+        batch, channels, height, width = images.shape
+        if channels != self.in_chans:
+            raise ValueError(f"image encoder expects {self.in_chans} bands, got images of shape {tuple(images.shape)}")
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {self.patch_size}; "
+                             "resize or crop the input")
+        patch_embed = self.trunk.patch_embed
+        tokens = patch_embed.norm(patch_embed.proj(images).flatten(2).transpose(1, 2))
+        grid = (height // self.patch_size, width // self.patch_size)
+        return tokens + self.pos_table(grid)[1:].unsqueeze(0), grid
+
+    def pos_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The ``[1 + L, D]`` sin-cos table (cls row zero) for a patch grid; the stored one at the training size."""
+        if tuple(grid) == self.grid_size:
+            return self.trunk.pos_embed[0]
+        return sincos_grid(*grid, self.embed_dim, cls_token=True).to(self.trunk.pos_embed)
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, D] -> [B, 1 + N, D]``: the cls token (plus its zero position row) in front."""
+        cls = self.trunk.cls_token + self.trunk.pos_embed[:, :1]
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Input tokens of the blocks: ``[B, 1 + L, D]`` and the patch grid."""
+        tokens, grid = self.patch_tokens(images)
+        return self.trunk.norm_pre(self.trunk.pos_drop(self.prepend_cls(tokens))), grid
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm forward interface
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, 1 + L, D]``: final-normed tokens, cls first."""
+        tokens, _ = self.embed(images)
+        return self.trunk.norm(self.trunk.blocks(tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
+        return self.forward_features(images)
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs at chosen depths, timm semantics.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            indices: block indices (negative counts from the end), or an int ``n`` for the last ``n`` blocks;
+                default all blocks.
+            norm: apply the final norm to each intermediate.
+            output_fmt: ``"NCHW"`` (``[B, D, H/p, W/p]``) or ``"NLC"`` (``[B, L, D]``) for the patch tokens.
+            intermediates_only: return only the list.
+            stop_early: do not run blocks after the last requested one (the final output is then not computed).
+            return_prefix_tokens: return ``(patch_map, cls_token [B, 1, D])`` pairs.
+
+        Returns:
+            ``intermediates`` or ``(final_normed_tokens, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = self.resolve_indices(indices)
+        tokens, (grid_h, grid_w) = self.embed(images)
+        last = max(take) if (stop_early or intermediates_only) else self.depth - 1
+        intermediates = []
+        for index, block in enumerate(self.trunk.blocks[: last + 1]):
+            tokens = block(tokens)
+            if index in take:
+                out = self.trunk.norm(tokens) if norm else tokens
+                prefix, patches = out[:, :1], out[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid_h, grid_w)
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        final = self.trunk.norm(tokens) if last == self.depth - 1 else None
+        return final, intermediates
+
+    def resolve_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """Normalise block indices to sorted non-negative ints, refusing out-of-range ones."""
+        if indices is None:
+            resolved = list(range(self.depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= self.depth:
+                raise ValueError(f"cannot take the last {indices} blocks of a {self.depth}-block encoder")
+            resolved = list(range(self.depth - indices, self.depth))
+        else:
+            resolved = [i + self.depth if i < 0 else i for i in indices]
+            bad = [i for i, r in zip(indices, resolved) if not 0 <= r < self.depth]
+            if bad or not resolved:
+                raise ValueError(f"block indices {list(indices)} out of range for a {self.depth}-block encoder")
+        return sorted(set(resolved))
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Global image features ``[B, D]``: mean of normed patch tokens (``"avg"``, the GeoLink contrastive
+        pooling) or the cls token (``"token"``)."""
+        tokens = self.forward_features(images)
+        if pool == "avg":
+            return tokens[:, 1:].mean(dim=1)
+        if pool == "token":
+            return tokens[:, 0]
+        raise ValueError(f"pool must be 'avg' or 'token', got {pool!r}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hub: the folder is a timm folder
+    def weights_module(self) -> nn.Module:
+        return self.trunk
+
+    def hub_config(self) -> dict:
+        """``config.json`` in timm's hub format, plus geolink's constructor kwargs and ``model_class`` at the top
+        level (timm ignores them)."""
+        channels = self.in_chans
+        mean = (IMAGENET_MEAN * ((channels + 2) // 3))[:channels]
+        std = (IMAGENET_STD * ((channels + 2) // 3))[:channels]
+        return {
+            "architecture": self.trunk_name,
+            "num_classes": 0,
+            "num_features": self.embed_dim,
+            "global_pool": "",
+            "model_args": {"img_size": self.img_size, "in_chans": channels, "num_classes": 0, "global_pool": ""},
+            "pretrained_cfg": {
+                "input_size": [channels, self.img_size, self.img_size],
+                "fixed_input_size": True,
+                "interpolation": "bicubic",
+                "crop_pct": 1.0,
+                "crop_mode": "center",
+                "mean": list(mean),
+                "std": list(std),
+                "num_classes": 0,
+                "pool_size": None,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+                "license": "mit",
+                "paper_ids": "arXiv:2509.26016",
+            },
+            # geolink constructor kwargs (ignored by timm)
+            "trunk": self.trunk_name,
+            "img_size": self.img_size,
+            "in_chans": channels,
+            "drop_path_rate": self.drop_path_rate,
+            "model_class": type(self).__name__,
+        }
+

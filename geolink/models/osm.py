@@ -1,0 +1,155 @@
+"""The GeoLink OSM graph encoder: heterogeneous GAT over polygon/line/point nodes, per-graph norm, region readout.
+
+Input is a graph (or ``Batch``) following ``geolink.graph.schema``; the encoder reads ``x``, never modifies it.
+One ``HeteroConv`` of nine ``GATConv(text_dim → osm_dim)`` (one per edge type, no edge features) averages, for each
+destination type, the outputs of the three edge types pointing at it, including empty ones (which contribute their
+bias). A ReLU and a per-type layer norm whose statistics are pooled per graph follow, so a sample's embedding never
+depends on the other samples of its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.data import HeteroData
+from torch_geometric.nn import GATConv, HeteroConv, Set2Set
+
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType
+from geolink.hub import GeoLinkHubMixin
+
+TYPE_WEIGHTINGS = ("sum", "softmax")
+
+
+class GraphLayerNorm(nn.Module):
+    """Layer norm over all nodes and channels of one graph: ``(x - mean) / (std + eps) · weight + bias``.
+
+    Statistics are pooled per graph of the batch (the official code pooled over the whole batch, which is the same
+    with one graph per batch). Parameter names match ``torch_geometric.nn.LayerNorm``.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+        """``x [N, C]``, ``batch [N]`` graph index of each node -> ``[N, C]``."""
+        count = torch.zeros(num_graphs, dtype=x.dtype, device=x.device).index_add_(
+            0, batch, torch.full_like(batch, x.shape[1], dtype=x.dtype)).clamp_(min=1)
+        mean = torch.zeros(num_graphs, dtype=x.dtype, device=x.device).index_add_(0, batch, x.sum(dim=1)) / count
+        centred = x - mean[batch].unsqueeze(1)
+        var = torch.zeros(num_graphs, dtype=x.dtype, device=x.device).index_add_(
+            0, batch, centred.square().sum(dim=1)) / count
+        return centred / (var.sqrt()[batch].unsqueeze(1) + self.eps) * self.weight + self.bias
+
+
+def graph_batch_vectors(graph: HeteroData) -> tuple[dict[str, torch.Tensor], int]:
+    """The graph index of every node per type, and the number of graphs (1 for a plain ``HeteroData``)."""
+    num_graphs = int(getattr(graph, "num_graphs", 1))
+    batch_dict = {}
+    for node_type in NODE_TYPES:
+        store = graph[node_type]
+        batch = store.get("batch")
+        if batch is None:
+            batch = torch.zeros(store.num_nodes or 0, dtype=torch.long, device=store.x.device)
+        batch_dict[node_type] = batch
+    return batch_dict, num_graphs
+
+
+def graph_edge_index_dict(graph: HeteroData) -> dict[EdgeType, torch.Tensor]:
+    """``edge_index`` of all nine edge types; an edge type the graph lacks counts as having no edges."""
+    device = graph[NODE_TYPES[0]].x.device
+    empty = torch.zeros(2, 0, dtype=torch.long, device=device)
+    return {et: graph[et].edge_index if et in graph.edge_types else empty for et in EDGE_TYPES}
+
+
+class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
+    """GeoLink OSM encoder: heterogeneous GAT node embeddings and a region embedding per graph.
+
+    Args:
+        text_dim: width of the node tag features ``x`` (512 for the CLIP ViT-B/16 text tower, 384 for MiniLM).
+        osm_dim: node and region embedding width.
+        type_weighting: how per-type region embeddings combine: ``"sum"`` (what the official weights were trained
+            with: the official softmax runs over a size-1 axis, so every weight is 1) or ``"softmax"`` (a learned
+            softmax over the types present in each graph).
+        set2set_steps: processing steps of the Set2Set readout.
+    """
+
+    weights_description = "The OSM graph branch of a GeoLink model (heterogeneous GAT + Set2Set region readout)."
+
+    def __init__(self, text_dim: int = 512, osm_dim: int = 128, type_weighting: str = "sum",
+                 set2set_steps: int = 5) -> None:
+        super().__init__()
+        if type_weighting not in TYPE_WEIGHTINGS:
+            raise ValueError(f"type_weighting must be one of {TYPE_WEIGHTINGS}, got {type_weighting!r}")
+        self.text_dim = text_dim
+        self.osm_dim = osm_dim
+        self.type_weighting = type_weighting
+        self.conv = HeteroConv(
+            {et: GATConv(text_dim, osm_dim, heads=1, add_self_loops=False) for et in EDGE_TYPES}, aggr="mean")
+        self.norm = nn.ModuleDict({t: GraphLayerNorm(osm_dim) for t in NODE_TYPES})
+        self.readout = nn.ModuleDict({t: Set2Set(osm_dim, processing_steps=set2set_steps) for t in NODE_TYPES})
+        self.readout_proj = nn.ModuleDict({t: nn.Linear(2 * osm_dim, osm_dim) for t in NODE_TYPES})
+        self.type_attention = nn.Linear(osm_dim, 1)
+
+    def forward_dict(self, x_dict: dict[str, torch.Tensor], edge_index_dict: dict[EdgeType, torch.Tensor],
+                     batch_dict: dict[str, torch.Tensor], num_graphs: int) -> dict[str, torch.Tensor]:
+        """Node embeddings from PyG-style dicts.
+
+        Args:
+            x_dict: ``{type: [N_t, text_dim]}`` for all three node types.
+            edge_index_dict: ``{(src, "to", dst): [2, E]}`` for all nine edge types.
+            batch_dict: ``{type: [N_t]}`` graph index of each node.
+            num_graphs: B.
+
+        Returns:
+            ``{type: [N_t, osm_dim]}``, normalised per graph.
+        """
+        for node_type in NODE_TYPES:
+            width = x_dict[node_type].shape[1]
+            if width != self.text_dim:
+                raise ValueError(f"{node_type} features have width {width}, this encoder expects {self.text_dim}: "
+                                 "build graphs with the text model the weights were trained with")
+        hidden = self.conv(x_dict, edge_index_dict)
+        return {t: self.norm[t](hidden[t].relu(), batch_dict[t], num_graphs) for t in NODE_TYPES}
+
+    def forward(self, graph: HeteroData) -> dict[str, torch.Tensor]:
+        """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings."""
+        batch_dict, num_graphs = graph_batch_vectors(graph)
+        x_dict = {t: graph[t].x for t in NODE_TYPES}
+        return self.forward_dict(x_dict, graph_edge_index_dict(graph), batch_dict, num_graphs)
+
+    def region_embedding(self, graph: HeteroData, node_embeddings: dict[str, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        """One embedding per graph, ``[B, osm_dim]``.
+
+        Per type: Set2Set over the graph's nodes, then a linear map; types a graph lacks contribute zero. The per-type
+        vectors are summed (``type_weighting="sum"``) or softmax-weighted over the present types.
+
+        Args:
+            graph: the graph batch.
+            node_embeddings: output of :meth:`forward` on ``graph`` when already computed.
+        """
+        batch_dict, num_graphs = graph_batch_vectors(graph)
+        if node_embeddings is None:
+            node_embeddings = self(graph)
+        return self.region_embedding_dict(node_embeddings, batch_dict, num_graphs)
+
+    def region_embedding_dict(self, node_embeddings: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor],
+                              num_graphs: int) -> torch.Tensor:
+        """:meth:`region_embedding` from dicts (``{type: [N_t, osm_dim]}``, ``{type: [N_t]}``) -> ``[B, osm_dim]``."""
+        per_type, present = [], []
+        for node_type in NODE_TYPES:
+            nodes, batch = node_embeddings[node_type], batch_dict[node_type]
+            pooled = self.readout[node_type](nodes, batch, dim_size=num_graphs)
+            per_type.append(self.readout_proj[node_type](pooled))
+            present.append(torch.bincount(batch, minlength=num_graphs) > 0)
+        embeddings = torch.stack(per_type, dim=1)  # [B, T, C]
+        mask = torch.stack(present, dim=1)  # [B, T]
+        embeddings = embeddings * mask.unsqueeze(-1).to(embeddings.dtype)
+        if self.type_weighting == "sum":
+            return embeddings.sum(dim=1)
+        scores = self.type_attention(embeddings).squeeze(-1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # a graph with no nodes at all gets zeros
+        return (weights.unsqueeze(-1) * embeddings).sum(dim=1)

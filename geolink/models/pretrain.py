@@ -1,0 +1,325 @@
+"""GeoLink pretraining: the fusion encoder plus MAE decoder, projection heads, node mask tokens and the three losses.
+
+One forward pass (DESIGN §6):
+
+1. ``forward_encoder``: the image encoder runs once on the visible 25 % of patches (MAE random masking).
+2. ``forward_decoder`` + ``forward_loss``: the MAE decoder reconstructs all patches; normalised-pixel MSE on the
+   masked ones (``loss_mae``).
+3. ``mask_nodes``: 20 % of each graph's nodes of each type (at least one) get a learned per-type mask token as input;
+   the OSM encoder runs once on this masked graph.
+4. ``forward_contrastive_loss``: symmetric InfoNCE between the mean visible patch token and the region embedding of
+   the masked graph (``loss_contrastive``).
+5. ``forward_consistency``: the fusion block takes the visible image tokens as Q and only the masked nodes (≤ 10
+   per graph) as K; ``node_pred`` regresses the original features of those nodes from the fused K
+   (``loss_consistency``).
+
+``loss = loss_mae + contrastive_weight · loss_contrastive + consistency_weight · loss_consistency``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch_geometric.data import HeteroData
+
+from geolink.graph.schema import NODE_TYPES
+from geolink.hub import GeoLinkHubMixin
+from geolink.models.fusion import GeoLinkFusionEncoder, pack_nodes
+from geolink.models.osm import graph_batch_vectors, graph_edge_index_dict
+from geolink.models.pos_embed import sincos_grid
+
+
+def rank_within_groups(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = lowest score) of every element among the elements of its group; ``[N] -> [N]``."""
+    by_score = torch.argsort(score)
+    order = by_score[torch.sort(group[by_score], stable=True).indices]  # by group, then by score
+    counts = torch.bincount(group, minlength=int(group.max()) + 1 if group.numel() else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(group)
+    ranks[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    return ranks
+
+
+class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
+    """GeoLink pretraining model: ``forward(images, graphs)`` returns the weighted loss, its terms and the masks.
+
+    Args:
+        trunk … out_indices: the fusion encoder (see :class:`GeoLinkFusionEncoder`).
+        decoder_dim, decoder_depth, decoder_num_heads: the MAE decoder (timm blocks, MLP ratio 4).
+        projection_dim: width of the contrastive projection heads.
+        mask_ratio: fraction of image patches masked.
+        node_mask_ratio: fraction of each graph's nodes of each type masked (at least one per present type).
+        max_masked_nodes: at most this many masked nodes per graph enter the fusion block (sampled when more).
+        temperature: InfoNCE temperature.
+        norm_pix_loss: reconstruct per-patch normalised pixels.
+        contrastive_weight, consistency_weight: loss weights relative to the MAE loss.
+    """
+
+    weights_description = "A complete GeoLink pretraining model (fusion encoder + MAE decoder + heads)."
+
+    def __init__(
+        self,
+        trunk: str = "vit_large_patch16_224",
+        img_size: int = 224,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        text_dim: int = 512,
+        osm_dim: int = 128,
+        type_weighting: str = "sum",
+        set2set_steps: int = 5,
+        fusion_dim: int = 256,
+        fusion_depth: int = 1,
+        fusion_num_heads: int = 16,
+        fusion_dropout: float = 0.1,
+        out_indices: Sequence[int] | None = None,
+        decoder_dim: int = 512,
+        decoder_depth: int = 2,
+        decoder_num_heads: int = 16,
+        projection_dim: int = 64,
+        mask_ratio: float = 0.75,
+        node_mask_ratio: float = 0.2,
+        max_masked_nodes: int = 10,
+        temperature: float = 0.2,
+        norm_pix_loss: bool = True,
+        contrastive_weight: float = 0.01,
+        consistency_weight: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.fusion_encoder = GeoLinkFusionEncoder(
+            trunk=trunk, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path_rate, text_dim=text_dim,
+            osm_dim=osm_dim, type_weighting=type_weighting, set2set_steps=set2set_steps, fusion_dim=fusion_dim,
+            fusion_depth=fusion_depth, fusion_num_heads=fusion_num_heads, fusion_dropout=fusion_dropout,
+            out_indices=out_indices)
+        image = self.fusion_encoder.image_encoder
+        self.mask_ratio = mask_ratio
+        self.node_mask_ratio = node_mask_ratio
+        self.max_masked_nodes = max_masked_nodes
+        self.temperature = temperature
+        self.norm_pix_loss = norm_pix_loss
+        self.contrastive_weight = contrastive_weight
+        self.consistency_weight = consistency_weight
+
+        self.decoder_embed = nn.Linear(image.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
+                                                   norm_layer=nn.LayerNorm) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, image.patch_size**2 * in_chans)
+        self.register_buffer("decoder_pos", sincos_grid(*image.grid_size, decoder_dim, cls_token=True),
+                             persistent=False)
+
+        self.image_projection = nn.Linear(image.embed_dim, projection_dim)
+        self.region_projection = nn.Linear(osm_dim, projection_dim)
+        self.node_mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, text_dim)) for t in NODE_TYPES})
+        self.node_pred = nn.Linear(fusion_dim, text_dim)
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        """MAE-style init of everything outside the timm trunk (which timm initialised)."""
+        def init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        fusion = self.fusion_encoder
+        for module in (fusion.image_proj, fusion.node_proj, fusion.blocks, self.decoder_embed, self.decoder_blocks,
+                       self.decoder_norm, self.decoder_pred, self.image_projection, self.region_projection,
+                       self.node_pred):
+            module.apply(init)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for token in self.node_mask_token.values():
+            nn.init.normal_(token, std=0.02)
+
+    @property
+    def image_encoder(self):
+        return self.fusion_encoder.image_encoder
+
+    @property
+    def osm_encoder(self):
+        return self.fusion_encoder.osm_encoder
+
+    # ----------------------------------------------------------------------------------------------------------
+    # image branch (MAE)
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, L, p·p·C]`` (row-major patches, pixels in (row, col, channel) order)."""
+        p = self.image_encoder.patch_size
+        batch, channels, height, width = images.shape
+        x = images.reshape(batch, channels, height // p, p, width // p, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+    def unpatchify(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`patchify`: ``[B, L, p·p·C] -> [B, C, H, W]``."""
+        p = self.image_encoder.patch_size
+        batch = patches.shape[0]
+        channels = patches.shape[-1] // (p * p)
+        x = patches.reshape(batch, grid[0], grid[1], p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, grid[0] * p, grid[1] * p)
+
+    @staticmethod
+    def random_masking(tokens: torch.Tensor, mask_ratio: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a random subset of tokens per sample (MAE).
+
+        Args:
+            tokens: ``[B, L, D]``.
+            mask_ratio: fraction removed.
+
+        Returns:
+            ``visible [B, K, D]``, ``mask [B, L]`` (1 = removed), ``ids_keep [B, K]``, ``ids_restore [B, L]``
+            with ``K = int(L · (1 - mask_ratio))``.
+        """
+        batch, length, dim = tokens.shape
+        keep = int(length * (1 - mask_ratio))
+        noise = torch.rand(batch, length, device=tokens.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(batch, length, device=tokens.device)
+        mask[:, :keep] = 0
+        return visible, torch.gather(mask, 1, ids_restore), ids_keep, ids_restore
+
+    def forward_encoder(self, images: torch.Tensor, mask_ratio: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Encode the visible patches: ``latent [B, 1 + K, D]`` (normed, cls first), ``mask``, ``ids_keep``,
+        ``ids_restore`` (see :meth:`random_masking`) and the patch grid."""
+        encoder = self.image_encoder
+        tokens, grid = encoder.patch_tokens(images)
+        visible, mask, ids_keep, ids_restore = self.random_masking(tokens, mask_ratio)
+        x = encoder.trunk.norm_pre(encoder.trunk.pos_drop(encoder.prepend_cls(visible)))
+        return encoder.trunk.norm(encoder.trunk.blocks(x)), mask, ids_keep, ids_restore, grid
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Predict every patch: ``latent [B, 1 + K, D]``, ``ids_restore [B, L]`` -> ``[B, L, p·p·C]``."""
+        x = self.decoder_embed(latent)
+        batch, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        pos = self.decoder_pos if tuple(grid) == self.image_encoder.grid_size else sincos_grid(
+            *grid, x.shape[2], cls_token=True).to(x)
+        x = torch.cat([x[:, :1], patches], dim=1) + pos
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on removed patches: ``images [B, C, H, W]``, ``pred [B, L, p·p·C]``, ``mask [B, L]`` -> scalar."""
+        target = self.patchify(images)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = (pred - target).square().mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # OSM branch
+    def mask_nodes(self, graph: HeteroData, batch_dict: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Replace the features of a random ``node_mask_ratio`` of each graph's nodes of each type (at least one
+        when the type is present) by the type's mask token. The graph is not modified.
+
+        Returns:
+            ``x_dict`` with masked features ``{type: [N_t, text_dim]}`` and ``{type: [N_t]}`` boolean masks.
+        """
+        x_dict, node_mask = {}, {}
+        for node_type in NODE_TYPES:
+            x, batch = graph[node_type].x, batch_dict[node_type]
+            if x.shape[0] == 0:
+                x_dict[node_type], node_mask[node_type] = x, torch.zeros(0, dtype=torch.bool, device=x.device)
+                continue
+            counts = torch.bincount(batch)
+            num_masked = torch.round(counts * self.node_mask_ratio).clamp(min=1).minimum(counts)
+            ranks = rank_within_groups(batch, torch.rand(x.shape[0], device=x.device))
+            masked = ranks < num_masked[batch]
+            x_dict[node_type] = torch.where(masked.unsqueeze(1), self.node_mask_token[node_type].to(x.dtype), x)
+            node_mask[node_type] = masked
+        return x_dict, node_mask
+
+    def forward_contrastive_loss(self, image_embedding: torch.Tensor, region_embedding: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch on L2-normalised ``[B, P]`` projections."""
+        image = F.normalize(image_embedding, dim=-1)
+        region = F.normalize(region_embedding, dim=-1)
+        logits = image @ region.t() / self.temperature
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    def forward_consistency(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid: tuple[int, int],
+                            node_embeddings: dict[str, torch.Tensor], graph: HeteroData,
+                            node_mask: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse visible image tokens with the masked nodes and predict their original features.
+
+        Returns:
+            ``(predicted [M, text_dim], original [M, text_dim])`` for the M masked nodes that entered the fusion.
+        """
+        fusion = self.fusion_encoder
+        tokens, pos = fusion.node_tokens(node_embeddings, graph, grid)
+        select = {t: node_mask[t].nonzero().squeeze(1) for t in NODE_TYPES}
+        batch = torch.cat([batch_dict[t][select[t]] for t in NODE_TYPES])
+        target = torch.cat([graph[t].x[select[t]] for t in NODE_TYPES])
+        if batch.numel() == 0:
+            return target.new_zeros(0, target.shape[1]), target
+        node_tokens = torch.cat([tokens[t][select[t]] for t in NODE_TYPES])
+        node_pos = torch.cat([pos[t][select[t]] for t in NODE_TYPES])
+        keep = rank_within_groups(batch, torch.rand(batch.numel(), device=batch.device)) < self.max_masked_nodes
+        order = torch.sort(batch[keep], stable=True).indices
+        batch, target = batch[keep][order], target[keep][order]
+        packed, packed_pos, padding_mask = pack_nodes(node_tokens[keep][order], node_pos[keep][order], batch,
+                                                      latent.shape[0])
+        image_pos = fusion.image_pos_table(grid)[ids_keep]  # [B, K, C]
+        _, fused_nodes = fusion.fuse(latent[:, 1:], image_pos, packed, packed_pos, padding_mask)
+        return self.node_pred(fused_nodes[~padding_mask]), target
+
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, graph: HeteroData) -> dict[str, torch.Tensor]:
+        """One pretraining step's forward pass.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            graph: ``Batch`` of B graphs.
+
+        Returns:
+            ``loss`` (weighted total), ``loss_mae``, ``loss_contrastive``, ``loss_consistency``, and for inspection
+            ``pred`` ``[B, L, p·p·C]``, ``mask`` ``[B, L]``, ``node_mask`` (``{type: [N_t]}``), ``node_pred`` /
+            ``node_target`` ``[M, text_dim]``, ``image_embedding`` / ``region_embedding`` ``[B, projection_dim]``.
+        """
+        batch_dict, num_graphs = graph_batch_vectors(graph)
+        if num_graphs != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+        latent, mask, ids_keep, ids_restore, grid = self.forward_encoder(images, self.mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore, grid)
+        loss_mae = self.forward_loss(images, pred, mask)
+
+        masked_x, node_mask = self.mask_nodes(graph, batch_dict)
+        osm = self.osm_encoder
+        node_embeddings = osm.forward_dict(masked_x, graph_edge_index_dict(graph), batch_dict, num_graphs)
+        region = osm.region_embedding_dict(node_embeddings, batch_dict, num_graphs)
+        image_embedding = self.image_projection(latent[:, 1:].mean(dim=1))
+        region_embedding = self.region_projection(region)
+        loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding)
+
+        node_pred, node_target = self.forward_consistency(latent, ids_keep, grid, node_embeddings, graph, node_mask,
+                                                          batch_dict)
+        if node_pred.shape[0]:
+            loss_consistency = (node_pred - node_target).square().mean()
+        else:  # no graph of the batch has a node: keep the head in the autograd graph with a zero loss
+            loss_consistency = self.node_pred.weight.sum() * 0.0
+        loss = loss_mae + self.contrastive_weight * loss_contrastive + self.consistency_weight * loss_consistency
+        return {
+            "loss": loss, "loss_mae": loss_mae, "loss_contrastive": loss_contrastive,
+            "loss_consistency": loss_consistency, "pred": pred, "mask": mask, "node_mask": node_mask,
+            "node_pred": node_pred, "node_target": node_target, "image_embedding": image_embedding,
+            "region_embedding": region_embedding,
+        }
