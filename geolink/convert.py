@@ -29,7 +29,7 @@ _PREFIX_MAP: tuple[tuple[str, str], ...] = (
     ("img_norm.", "fusion_encoder.image_encoder.trunk.norm."),
     ("img_encoder.patch_embed.", "fusion_encoder.image_encoder.trunk.patch_embed."),
     ("img_encoder.blocks.", "fusion_encoder.image_encoder.trunk.blocks."),
-    ("osm_encoder.convs.0.", "fusion_encoder.osm_encoder.conv."),
+    ("osm_encoder.convs.0.convs.", "fusion_encoder.osm_encoder.convs."),
     ("osm_norm.", "fusion_encoder.osm_encoder.norm."),
     ("osm_read_out.", "fusion_encoder.osm_encoder.readout."),
     ("osm_aggr_mlp.", "fusion_encoder.osm_encoder.readout_proj."),
@@ -122,6 +122,9 @@ def official_to_geolink(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
             if key.startswith(old):
                 new_key = new + key[len(old):]
                 break
+        if new_key.startswith("fusion_encoder.osm_encoder.convs."):
+            # PyG writes HeteroConv keys as "<src___to___dst>" (2.5+) or "src__to__dst" (older)
+            new_key = re.sub(r"convs\.<?(\w+?)___?to___?(\w+?)>?\.", r"convs.\1__to__\2.", new_key)
         if new_key.startswith("fusion_encoder.blocks."):
             new_key = re.sub(r"^(fusion_encoder\.blocks\.\d+\.)([a-z_0-9]+)",
                              lambda m: m.group(1) + _FUSION_BLOCK_MAP.get(m.group(2), m.group(2)), new_key)

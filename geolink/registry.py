@@ -176,13 +176,14 @@ def load_model(location: str | os.PathLike, component: str | None = None, revisi
     model = _CLASSES[held].from_pretrained(str(location), revision=revision, **overrides)
     if component is None or COMPONENTS[component].__name__ == held:
         return model
-    extracted = _extract(model, component)
+    extracted = extract_component(model, component)
     if extracted is None:
         raise ValueError(f"{location} holds a {held}, which has no {component!r} component")
     return extracted
 
 
-def _extract(model: nn.Module, component: str) -> nn.Module | None:
+def extract_component(model: nn.Module, component: str) -> nn.Module | None:
+    """The ``component`` sub-model of a pretraining or fusion model (None when it has none)."""
     fusion = model.fusion_encoder if isinstance(model, GeoLinkForPretraining) else model
     if not isinstance(fusion, GeoLinkFusionEncoder):
         return None

@@ -1,8 +1,8 @@
 """The GeoLink OSM graph encoder: heterogeneous GAT over polygon/line/point nodes, per-graph norm, region readout.
 
 Input is a graph (or ``Batch``) following ``geolink.graph.schema``; the encoder reads ``x``, never modifies it.
-One ``HeteroConv`` of nine ``GATConv(text_dim → osm_dim)`` (one per edge type, no edge features) averages, for each
-destination type, the outputs of the three edge types pointing at it, including empty ones (which contribute their
+Nine ``GATConv(text_dim → osm_dim)`` (one per edge type, no edge features; the official ``HeteroConv``) are averaged,
+for each destination type, over the three edge types pointing at it, including empty ones (which contribute their
 bias). A ReLU and a per-type layer norm whose statistics are pooled per graph follow, so a sample's embedding never
 depends on the other samples of its batch.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch_geometric.data import HeteroData
-from torch_geometric.nn import GATConv, HeteroConv, Set2Set
+from torch_geometric.nn import GATConv, Set2Set
 
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType, edge_type_name
 from geolink.hub import GeoLinkHubMixin
 
 TYPE_WEIGHTINGS = ("sum", "softmax")
@@ -86,8 +86,9 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         self.text_dim = text_dim
         self.osm_dim = osm_dim
         self.type_weighting = type_weighting
-        self.conv = HeteroConv(
-            {et: GATConv(text_dim, osm_dim, heads=1, add_self_loops=False) for et in EDGE_TYPES}, aggr="mean")
+        # keyed by our own stable names, not HeteroConv's (whose key format changed across PyG releases)
+        self.convs = nn.ModuleDict(
+            {edge_type_name(et): GATConv(text_dim, osm_dim, heads=1, add_self_loops=False) for et in EDGE_TYPES})
         self.norm = nn.ModuleDict({t: GraphLayerNorm(osm_dim) for t in NODE_TYPES})
         self.readout = nn.ModuleDict({t: Set2Set(osm_dim, processing_steps=set2set_steps) for t in NODE_TYPES})
         self.readout_proj = nn.ModuleDict({t: nn.Linear(2 * osm_dim, osm_dim) for t in NODE_TYPES})
@@ -111,8 +112,13 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
             if width != self.text_dim:
                 raise ValueError(f"{node_type} features have width {width}, this encoder expects {self.text_dim}: "
                                  "build graphs with the text model the weights were trained with")
-        hidden = self.conv(x_dict, edge_index_dict)
-        return {t: self.norm[t](hidden[t].relu(), batch_dict[t], num_graphs) for t in NODE_TYPES}
+        incoming: dict[str, list[torch.Tensor]] = {t: [] for t in NODE_TYPES}
+        for edge_type in EDGE_TYPES:
+            src, _, dst = edge_type
+            conv = self.convs[edge_type_name(edge_type)]
+            incoming[dst].append(conv((x_dict[src], x_dict[dst]), edge_index_dict[edge_type]))
+        return {t: self.norm[t](torch.stack(incoming[t]).mean(dim=0).relu(), batch_dict[t], num_graphs)
+                for t in NODE_TYPES}
 
     def forward(self, graph: HeteroData) -> dict[str, torch.Tensor]:
         """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings."""
