@@ -9,13 +9,30 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def shared_path(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the calling test with the reason when it is absent."""
+    path = SHARED.joinpath("data", *parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found at {path} (clone the project next to its shared/ folder)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` next to the repository; skips when it is absent."""
-    data = SHARED / "data"
-    if not data.is_dir():
-        pytest.skip(f"shared data not found at {data} (clone the project next to its shared/ folder)")
-    return data
+    return shared_path()
+
+
+@pytest.fixture
+def shared():
+    """:func:`shared_path` as a fixture: ``shared("parity", "official_tiny")``."""
+    return shared_path
+
+
+@pytest.fixture
+def parity_dir() -> Path:
+    """``../shared/data/parity/official_tiny``: official-format checkpoints, inputs and expected outputs."""
+    return shared_path("parity", "official_tiny")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from geolink.hub import GeoLinkHubMixin
@@ -38,11 +39,17 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
     def __init__(self, trunk: str = "vit_large_patch16_224", img_size: int = 224, in_chans: int = 3,
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        self.trunk = timm.create_model(trunk, pretrained=False, num_classes=0, global_pool="", img_size=img_size,
-                                       in_chans=in_chans, drop_path_rate=drop_path_rate)
-        if getattr(self.trunk, "no_embed_class", True) or self.trunk.cls_token is None:
-            raise ValueError(f"{trunk!r} is not a ViT with a class token and a pos_embed row for it; "
-                             "GeoLink needs e.g. vit_large_patch16_224")
+        if not timm.is_model(trunk):
+            raise ValueError(f"unknown timm architecture {trunk!r}; GeoLink needs a ViT such as vit_large_patch16_224")
+        not_a_vit = ValueError(f"{trunk!r} is not a ViT with a class token and a pos_embed row for it; "
+                               "GeoLink needs e.g. vit_large_patch16_224")
+        try:
+            self.trunk = timm.create_model(trunk, pretrained=False, num_classes=0, global_pool="", img_size=img_size,
+                                           in_chans=in_chans, drop_path_rate=drop_path_rate)
+        except TypeError:
+            raise not_a_vit from None
+        if not isinstance(self.trunk, VisionTransformer) or self.trunk.no_embed_class or self.trunk.cls_token is None:
+            raise not_a_vit
         self.trunk_name = trunk
         self.embed_dim: int = self.trunk.embed_dim
         self.patch_size: int = self.trunk.patch_embed.patch_size[0]
