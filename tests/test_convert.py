@@ -1,0 +1,118 @@
+"""Official checkpoint and graph conversion: safety, clear errors, the command line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch_geometric.data import HeteroData
+
+import geolink
+from geolink.cli import main
+from geolink.convert import OfficialCheckpointError, graph_from_official, load_official_checkpoint
+from geolink.graph.schema import EDGE_TYPES, validate_graph
+from geolink.models import GeoLinkFusionEncoder, GeoLinkImageEncoder
+
+
+class CodeOnLoad:
+    """An object whose unpickling would call a function: what a malicious .pth carries."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.fixture
+def official_state(parity_dir):
+    checkpoint = torch.load(parity_dir / "geolink_multimodal_official_format.pth", map_location="cpu",
+                            weights_only=True)
+    return checkpoint["model_config"], checkpoint["model_state_dict"]
+
+
+def test_a_pickle_with_code_is_refused_not_run(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model_config": {}, "model_state_dict": {}, "payload": CodeOnLoad()}, path)
+    with pytest.raises(OfficialCheckpointError, match="refuses to unpickle"):
+        load_official_checkpoint(path)
+
+
+def test_a_truncated_file_is_refused(parity_dir, tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes((parity_dir / "geolink_vit_official_format.pth").read_bytes()[:5000])
+    with pytest.raises(OfficialCheckpointError, match="not a readable PyTorch checkpoint"):
+        load_official_checkpoint(path)
+
+
+def test_a_missing_tensor_is_named(official_state, tmp_path):
+    config, state = official_state
+    del state["osm_cross_modal_encoder.0.norm4.bias"]
+    path = tmp_path / "missing.pth"
+    torch.save({"model_config": config, "model_state_dict": state}, path)
+    with pytest.raises(OfficialCheckpointError, match=r"missing keys \(1\): fusion_encoder.blocks.0.node_mlp_norm"):
+        load_official_checkpoint(path)
+
+
+def test_an_unknown_tensor_is_named(official_state, tmp_path):
+    config, state = official_state
+    state["some_new_head.weight"] = torch.zeros(3)
+    path = tmp_path / "unexpected.pth"
+    torch.save({"model_config": config, "model_state_dict": state}, path)
+    with pytest.raises(OfficialCheckpointError, match=r"unexpected keys \(1\): some_new_head.weight"):
+        load_official_checkpoint(path)
+
+
+def test_an_architecture_that_does_not_match_the_tensors_is_refused(official_state, tmp_path):
+    config, state = official_state
+    path = tmp_path / "wrong_arch.pth"
+    torch.save({"model_config": {**config, "architecture": "vit_small_patch16_224"}, "model_state_dict": state}, path)
+    with pytest.raises(OfficialCheckpointError, match=r"names vit_small_patch16_224 \(width 384.* have width 192"):
+        load_official_checkpoint(path)
+
+
+def test_something_that_is_not_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(OfficialCheckpointError, match="neither an official GeoLink checkpoint"):
+        load_official_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        load_official_checkpoint(tmp_path / "absent.pth")
+
+
+def test_the_alias_patch_embedding_is_what_the_official_model_ran_with(official_state, parity_dir):
+    _, state = official_state
+    # the fixture deliberately stores two different copies; the official model loads the alias last
+    assert not torch.equal(state["patch_embed.proj.weight"], state["img_encoder.patch_embed.proj.weight"])
+    model = load_official_checkpoint(parity_dir / "geolink_multimodal_official_format.pth")
+    assert torch.equal(model.image_encoder.trunk.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+
+
+def test_graph_from_official_splits_features_and_anchors():
+    official = HeteroData()
+    official["polygon"].x = torch.cat([torch.randn(2, 512), torch.rand(2, 8)], dim=1)
+    official["line"].x = torch.cat([torch.randn(1, 512), torch.rand(1, 6)], dim=1)
+    official["point"].x = torch.zeros(0, 514)
+    official["polygon", "to", "polygon"].edge_index = torch.tensor([[0, 1], [1, 0]])
+    official["polygon", "to", "polygon"].edge_attr = torch.eye(6)[[1, 1]]
+    before = official["polygon"].x.clone()
+    graph = graph_from_official(official)
+    validate_graph(graph, feature_dim=512)
+    assert torch.equal(graph["polygon"].x, before[:, :512])
+    assert torch.equal(graph["polygon"].pos, before[:, 512:].reshape(2, 4, 2))
+    assert torch.equal(official["polygon"].x, before)  # input untouched
+    assert all(et in graph.edge_types for et in EDGE_TYPES)  # absent edge types become empty ones
+    assert graph["line", "to", "point"].edge_index.shape == (2, 0)
+    official["line"].x = torch.randn(1, 515)
+    with pytest.raises(ValueError, match="line features have width 515"):
+        graph_from_official(official, text_dim=512)
+
+
+def test_cli_converts_both_files_into_loadable_folders(parity_dir, tmp_path, capsys):
+    assert main(["convert", str(parity_dir / "geolink_multimodal_official_format.pth"), str(tmp_path / "fusion"),
+                 "--component", "fusion"]) == 0
+    assert "GeoLinkFusionEncoder" in capsys.readouterr().out
+    assert isinstance(GeoLinkFusionEncoder.from_pretrained(tmp_path / "fusion"), GeoLinkFusionEncoder)
+    assert main(["convert", str(parity_dir / "geolink_vit_official_format.pth"), str(tmp_path / "vit")]) == 0
+    assert isinstance(GeoLinkImageEncoder.from_pretrained(tmp_path / "vit"), GeoLinkImageEncoder)
+    assert isinstance(geolink.load_model(tmp_path / "vit"), GeoLinkImageEncoder)
+    assert main(["convert", str(parity_dir / "geolink_vit_official_format.pth"), str(tmp_path / "x"),
+                 "--component", "osm"]) == 2
