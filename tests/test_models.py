@@ -261,3 +261,19 @@ def test_patchify_round_trip(pretraining):
     patches = pretraining.patchify(images)
     assert patches.shape == (2, 24, 768)
     assert torch.equal(pretraining.unpatchify(patches, (4, 6)), images)
+
+
+def test_seeded_masks_depend_on_the_sample_alone(ufz):
+    images, graphs = ufz
+    model = geolink.create_model("geolink_tiny", text_dim=512, fusion_dropout=0.0)
+    seeds = torch.tensor([11, 22, 33])
+    with torch.no_grad():
+        full = model(images, Batch.from_data_list(graphs), sample_seeds=seeds)
+        again = model(images, Batch.from_data_list(graphs), sample_seeds=seeds)
+        tail = model(images[1:], Batch.from_data_list(graphs[1:]), sample_seeds=seeds[1:])
+        other = model(images, Batch.from_data_list(graphs), sample_seeds=seeds + 1)
+    assert torch.equal(full["mask"], again["mask"]) and torch.equal(full["loss"], again["loss"])
+    assert torch.equal(full["mask"][1:], tail["mask"])  # the same sample is masked the same way in another batch
+    polygons_of_graph0 = graphs[0]["polygon"].num_nodes
+    assert torch.equal(full["node_mask"]["polygon"][polygons_of_graph0:], tail["node_mask"]["polygon"])
+    assert not torch.equal(full["mask"], other["mask"])

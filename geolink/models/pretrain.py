@@ -14,11 +14,17 @@ One forward pass (DESIGN §6):
    (``loss_consistency``).
 
 ``loss = loss_mae + contrastive_weight · loss_contrastive + consistency_weight · loss_consistency``.
+
+Randomness (which patches and nodes are masked) comes from ``torch.rand`` by default. Given per-sample seeds it comes
+from a hash of (seed, element), so a sample is masked the same way whatever its batch, process or device — which is
+what makes a multi-process run reproduce a single-process one. Under data parallelism a :class:`CrossRank` gathers
+the contrastive negatives from the global batch and normalises the node loss by the global node count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +38,47 @@ from geolink.models.fusion import GeoLinkFusionEncoder, pack_nodes
 from geolink.models.osm import graph_batch_vectors, graph_edge_index_dict
 from geolink.models.pos_embed import sincos_grid
 
+_MASK32 = 0xFFFFFFFF
+
+
+def hashed_uniform(seeds: torch.Tensor, index: torch.Tensor, salt: int) -> torch.Tensor:
+    """Deterministic uniform numbers in [0, 1) from integer (seed, index) pairs: the murmur3 finaliser applied to a
+    mix of both; identical on every device and process. ``seeds``, ``index``: int64 ``[N]`` -> float ``[N]``."""
+    x = (seeds * 0x9E3779B1 + index * 0x85EBCA77 + salt * 0x27D4EB2F) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    x = x ^ (x >> 16)
+    return x.to(torch.float64).div(2.0**32).to(torch.float32)
+
+
+class CrossRank(Protocol):
+    """Collectives the losses need under data parallelism (implemented in ``geolink.train.distributed``)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``tensor`` of every rank along dim 0, keeping the gradient of the local slice."""
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks (no gradient)."""
+
+
+def positions_within_groups(group: torch.Tensor) -> torch.Tensor:
+    """Index of each element among the elements of its group, in input order (``group`` sorted); ``[N] -> [N]``."""
+    counts = torch.bincount(group, minlength=int(group.max()) + 1 if group.numel() else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(group.numel(), device=group.device) - starts[group]
+
 
 def rank_within_groups(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """Rank (0 = lowest score) of every element among the elements of its group; ``[N] -> [N]``."""
     by_score = torch.argsort(score)
     order = by_score[torch.sort(group[by_score], stable=True).indices]  # by group, then by score
-    counts = torch.bincount(group, minlength=int(group.max()) + 1 if group.numel() else 0)
-    starts = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(group)
-    ranks[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    ranks[order] = positions_within_groups(group[order])
     return ranks
 
 
@@ -166,13 +204,14 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, grid[0] * p, grid[1] * p)
 
     @staticmethod
-    def random_masking(tokens: torch.Tensor, mask_ratio: float
+    def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random subset of tokens per sample (MAE).
+        """Keep a random subset of tokens per sample (MAE): the ``K`` with the lowest noise.
 
         Args:
             tokens: ``[B, L, D]``.
             mask_ratio: fraction removed.
+            noise: ``[B, L]`` uniform noise; drawn with ``torch.rand`` when None.
 
         Returns:
             ``visible [B, K, D]``, ``mask [B, L]`` (1 = removed), ``ids_keep [B, K]``, ``ids_restore [B, L]``
@@ -180,7 +219,8 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         """
         batch, length, dim = tokens.shape
         keep = int(length * (1 - mask_ratio))
-        noise = torch.rand(batch, length, device=tokens.device)
+        if noise is None:
+            noise = torch.rand(batch, length, device=tokens.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
@@ -189,13 +229,20 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         mask[:, :keep] = 0
         return visible, torch.gather(mask, 1, ids_restore), ids_keep, ids_restore
 
-    def forward_encoder(self, images: torch.Tensor, mask_ratio: float
+    def forward_encoder(self, images: torch.Tensor, mask_ratio: float, sample_seeds: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encode the visible patches: ``latent [B, 1 + K, D]`` (normed, cls first), ``mask``, ``ids_keep``,
-        ``ids_restore`` (see :meth:`random_masking`) and the patch grid."""
+        ``ids_restore`` (see :meth:`random_masking`) and the patch grid. ``sample_seeds [B]`` makes the masks a
+        function of the seeds alone."""
         encoder = self.image_encoder
         tokens, grid = encoder.patch_tokens(images)
-        visible, mask, ids_keep, ids_restore = self.random_masking(tokens, mask_ratio)
+        noise = None
+        if sample_seeds is not None:
+            batch, length = tokens.shape[:2]
+            rows = torch.arange(batch, device=tokens.device).repeat_interleave(length)
+            noise = hashed_uniform(sample_seeds.to(tokens.device)[rows], torch.arange(
+                length, device=tokens.device).repeat(batch), salt=0).view(batch, length)
+        visible, mask, ids_keep, ids_restore = self.random_masking(tokens, mask_ratio, noise)
         x = encoder.trunk.norm_pre(encoder.trunk.pos_drop(encoder.prepend_cls(visible)))
         return encoder.trunk.norm(encoder.trunk.blocks(x)), mask, ids_keep, ids_restore, grid
 
@@ -225,7 +272,15 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
 
     # ----------------------------------------------------------------------------------------------------------
     # OSM branch
-    def mask_nodes(self, graph: HeteroData, batch_dict: dict[str, torch.Tensor]
+    def _node_noise(self, batch: torch.Tensor, element: torch.Tensor, salt: int,
+                    sample_seeds: torch.Tensor | None) -> torch.Tensor:
+        """Uniform noise per node: ``torch.rand``, or hashed from its graph's seed and ``element`` index."""
+        if sample_seeds is None:
+            return torch.rand(batch.numel(), device=batch.device)
+        return hashed_uniform(sample_seeds.to(batch.device)[batch], element, salt)
+
+    def mask_nodes(self, graph: HeteroData, batch_dict: dict[str, torch.Tensor],
+                   sample_seeds: torch.Tensor | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Replace the features of a random ``node_mask_ratio`` of each graph's nodes of each type (at least one
         when the type is present) by the type's mask token. The graph is not modified.
@@ -234,31 +289,39 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
             ``x_dict`` with masked features ``{type: [N_t, text_dim]}`` and ``{type: [N_t]}`` boolean masks.
         """
         x_dict, node_mask = {}, {}
-        for node_type in NODE_TYPES:
+        for type_index, node_type in enumerate(NODE_TYPES):
             x, batch = graph[node_type].x, batch_dict[node_type]
             if x.shape[0] == 0:
                 x_dict[node_type], node_mask[node_type] = x, torch.zeros(0, dtype=torch.bool, device=x.device)
                 continue
             counts = torch.bincount(batch)
             num_masked = torch.round(counts * self.node_mask_ratio).clamp(min=1).minimum(counts)
-            ranks = rank_within_groups(batch, torch.rand(x.shape[0], device=x.device))
+            noise = self._node_noise(batch, positions_within_groups(batch), 1 + type_index, sample_seeds)
+            ranks = rank_within_groups(batch, noise)
             masked = ranks < num_masked[batch]
             x_dict[node_type] = torch.where(masked.unsqueeze(1), self.node_mask_token[node_type].to(x.dtype), x)
             node_mask[node_type] = masked
         return x_dict, node_mask
 
-    def forward_contrastive_loss(self, image_embedding: torch.Tensor, region_embedding: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch on L2-normalised ``[B, P]`` projections."""
+    def forward_contrastive_loss(self, image_embedding: torch.Tensor, region_embedding: torch.Tensor,
+                                 cross_rank: CrossRank | None = None) -> torch.Tensor:
+        """Symmetric InfoNCE on L2-normalised ``[B, P]`` projections; negatives from the global batch when
+        ``cross_rank`` is given."""
         image = F.normalize(image_embedding, dim=-1)
         region = F.normalize(region_embedding, dim=-1)
-        logits = image @ region.t() / self.temperature
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        offset, all_image, all_region = 0, image, region
+        if cross_rank is not None and cross_rank.world_size > 1:
+            all_image, all_region = cross_rank.all_gather(image), cross_rank.all_gather(region)
+            offset = cross_rank.rank * image.shape[0]
+        labels = torch.arange(image.shape[0], device=image.device) + offset
+        image_to_region = image @ all_region.t() / self.temperature
+        region_to_image = region @ all_image.t() / self.temperature
+        return (F.cross_entropy(image_to_region, labels) + F.cross_entropy(region_to_image, labels)) / 2
 
     def forward_consistency(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid: tuple[int, int],
                             node_embeddings: dict[str, torch.Tensor], graph: HeteroData,
-                            node_mask: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor]
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            node_mask: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor],
+                            sample_seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fuse visible image tokens with the masked nodes and predict their original features.
 
         Returns:
@@ -268,12 +331,15 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         tokens, pos = fusion.node_tokens(node_embeddings, graph, grid)
         select = {t: node_mask[t].nonzero().squeeze(1) for t in NODE_TYPES}
         batch = torch.cat([batch_dict[t][select[t]] for t in NODE_TYPES])
+        # element ids unique within a graph across types: type index in the high bits, position in the low ones
+        element = torch.cat([positions_within_groups(batch_dict[t])[select[t]] + (i << 24)
+                             for i, t in enumerate(NODE_TYPES)])
         target = torch.cat([graph[t].x[select[t]] for t in NODE_TYPES])
         if batch.numel() == 0:
             return target.new_zeros(0, target.shape[1]), target
         node_tokens = torch.cat([tokens[t][select[t]] for t in NODE_TYPES])
         node_pos = torch.cat([pos[t][select[t]] for t in NODE_TYPES])
-        keep = rank_within_groups(batch, torch.rand(batch.numel(), device=batch.device)) < self.max_masked_nodes
+        keep = rank_within_groups(batch, self._node_noise(batch, element, 9, sample_seeds)) < self.max_masked_nodes
         order = torch.sort(batch[keep], stable=True).indices
         batch, target = batch[keep][order], target[keep][order]
         packed, packed_pos, padding_mask = pack_nodes(node_tokens[keep][order], node_pos[keep][order], batch,
@@ -283,12 +349,15 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         return self.node_pred(fused_nodes[~padding_mask]), target
 
     # ----------------------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, graph: HeteroData) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, graph: HeteroData, sample_seeds: torch.Tensor | None = None,
+                cross_rank: CrossRank | None = None) -> dict[str, torch.Tensor]:
         """One pretraining step's forward pass.
 
         Args:
             images: ``[B, C, H, W]``.
             graph: ``Batch`` of B graphs.
+            sample_seeds: int64 ``[B]``; when given, every mask is a function of its sample's seed alone.
+            cross_rank: collectives for data parallelism (global contrastive negatives, global node-loss mean).
 
         Returns:
             ``loss`` (weighted total), ``loss_mae``, ``loss_contrastive``, ``loss_consistency``, and for inspection
@@ -298,24 +367,28 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         batch_dict, num_graphs = graph_batch_vectors(graph)
         if num_graphs != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
-        latent, mask, ids_keep, ids_restore, grid = self.forward_encoder(images, self.mask_ratio)
+        latent, mask, ids_keep, ids_restore, grid = self.forward_encoder(images, self.mask_ratio, sample_seeds)
         pred = self.forward_decoder(latent, ids_restore, grid)
         loss_mae = self.forward_loss(images, pred, mask)
 
-        masked_x, node_mask = self.mask_nodes(graph, batch_dict)
+        masked_x, node_mask = self.mask_nodes(graph, batch_dict, sample_seeds)
         osm = self.osm_encoder
         node_embeddings = osm.forward_dict(masked_x, graph_edge_index_dict(graph), batch_dict, num_graphs)
         region = osm.region_embedding_dict(node_embeddings, batch_dict, num_graphs)
         image_embedding = self.image_projection(latent[:, 1:].mean(dim=1))
         region_embedding = self.region_projection(region)
-        loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding)
+        loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding, cross_rank)
 
         node_pred, node_target = self.forward_consistency(latent, ids_keep, grid, node_embeddings, graph, node_mask,
-                                                          batch_dict)
-        if node_pred.shape[0]:
-            loss_consistency = (node_pred - node_target).square().mean()
-        else:  # no graph of the batch has a node: keep the head in the autograd graph with a zero loss
-            loss_consistency = self.node_pred.weight.sum() * 0.0
+                                                          batch_dict, sample_seeds)
+        # mean over the masked nodes of the global batch (data-parallel gradients are averaged over ranks)
+        count = torch.tensor(float(node_pred.shape[0]), device=images.device)
+        world_size = 1
+        if cross_rank is not None and cross_rank.world_size > 1:
+            count, world_size = cross_rank.all_sum(count), cross_rank.world_size
+        # a batch without nodes keeps the head in the autograd graph with a zero loss
+        loss_consistency = ((node_pred - node_target).square().mean(dim=-1).sum() * world_size / count.clamp(min=1)
+                            if node_pred.shape[0] else self.node_pred.weight.sum() * 0.0)
         loss = loss_mae + self.contrastive_weight * loss_contrastive + self.consistency_weight * loss_consistency
         return {
             "loss": loss, "loss_mae": loss_mae, "loss_contrastive": loss_contrastive,
