@@ -1,0 +1,1 @@
+"""Image–OSM pair datasets for pretraining: storage, loading and joint augmentation."""

@@ -1,0 +1,254 @@
+"""The GeoLink pretraining engine: ``geolink pretrain`` / ``geolink.train.main(argv)``.
+
+One process or many (``torchrun``, DDP; the contrastive loss sees the global batch). Every step consumes a fixed,
+seeded slice of an endless shuffled stream of samples, and every sample's masks are seeded by its position in that
+stream, so a run is a pure function of its config: resuming reproduces the uninterrupted run, and N processes
+reproduce one process with the same global batch.
+
+Plain ``torch.distributed`` rather than Accelerate: the loop needs exactly DDP, autocast, a grad scaler and two
+collectives, which are a few lines each here, while Accelerate would add a dependency and its own config system and
+still leave the checkpoint format, the data position and the cross-rank loss to write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import geolink
+from geolink.data.dataset import OfficialPairFolder, collate_pairs
+from geolink.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from geolink.train.config import RESUMABLE_CHANGES, TrainConfig, parse_config
+from geolink.train.distributed import (
+    DistributedContext,
+    TorchDistributed,
+    all_mean,
+    init_distributed,
+    shutdown_distributed,
+)
+
+LOSS_TERMS = ("loss", "loss_mae", "loss_contrastive", "loss_consistency")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the step, the loss terms and the samples."""
+
+
+class StreamPositions(Sampler[list[int]]):
+    """Yields, for each micro-step from ``start_step`` on, the stream positions this rank reads.
+
+    Position ``p`` is sample ``permutation_e[p mod N]`` of epoch ``e = p // N``, the permutation seeded by
+    ``(seed, e)``; micro-step ``m`` of the run covers positions ``[m·G, (m+1)·G)`` with ``G = batch × world``,
+    rank ``r`` the slice ``[m·G + r·batch, m·G + (r+1)·batch)``.
+    """
+
+    def __init__(self, batch_size: int, rank: int, world_size: int, start_micro_step: int, end_micro_step: int) -> None:
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start, self.end = start_micro_step, end_micro_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for micro_step in range(self.start, self.end):
+            first = micro_step * self.batch_size * self.world_size + self.rank * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class StreamDataset(Dataset):
+    """Maps a stream position to ``(image, graph, position)`` of the underlying dataset (see
+    :class:`StreamPositions`)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.dataset))
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._permutations = {epoch: torch.randperm(len(self.dataset), generator=generator)}
+        return int(self._permutations[epoch][offset])
+
+    def __getitem__(self, position: int):
+        image, graph = self.dataset[self.index(position)]
+        return image, graph, position
+
+
+def collate_stream(items):
+    images, graphs = collate_pairs([(image, graph) for image, graph, _ in items])
+    return images, graphs, torch.tensor([position for _, _, position in items], dtype=torch.long)
+
+
+def open_dataset(spec: str) -> Dataset:
+    """The training pairs named by ``--data``."""
+    if spec == "bundled":
+        return OfficialPairFolder(Path(geolink.__file__).parent / "assets" / "pairs")
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {spec!r}: no such folder (expected img/ + graph/ in the official layout, "
+                                "or 'bundled')")
+    return OfficialPairFolder(path)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on norms, biases, tokens and other 1-D or token tensors."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim <= 1 or name.endswith("token") or "token." in name else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def check_finite(out: dict[str, torch.Tensor], step: int, positions: torch.Tensor, context: DistributedContext,
+                 dataset: StreamDataset) -> None:
+    bad = torch.tensor([float(not torch.isfinite(out[k]).item()) for k in LOSS_TERMS])
+    if all_mean(bad, context).sum() > 0:
+        terms = [k for k, flag in zip(LOSS_TERMS, bad.tolist()) if flag] or ["(on another rank)"]
+        samples = [dataset.index(int(p)) for p in positions]
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(terms)} = "
+                                 f"{[out[k].item() for k in LOSS_TERMS]}; dataset samples {samples}. Lower the "
+                                 "learning rate, use bf16 instead of fp16, or check those samples.")
+
+
+def resume_state(config: TrainConfig, model, optimizer, scaler, context) -> int:
+    """Load the latest checkpoint of ``config.out`` when resuming; returns the step to start from."""
+    checkpoint = latest_checkpoint(Path(config.out) / "checkpoints") if config.resume else None
+    if checkpoint is None:
+        return 0
+    state = load_checkpoint(checkpoint, model, optimizer, context.rank)
+    saved, current = state["config"], config.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed or state["world_size"] != context.world_size:
+        raise ValueError(f"--resume from {checkpoint} with a different run: {changed or 'world size'} changed "
+                         f"(saved {[saved.get(k) for k in changed] or state['world_size']}); "
+                         "start a new --out instead")
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer logging under ``<run_dir>/tensorboard``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric records after ``step`` (steps a killed run logged after its last checkpoint are redone)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) pretraining; returns the folder of the final ``save_pretrained`` model."""
+    context = init_distributed(None if config.device == "auto" else config.device)
+    run_dir = Path(config.out)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = geolink.create_model(config.arch, **(config.overrides or {})).to(context.device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=0.0, betas=(0.9, 0.95))
+    dtype = autocast_dtype(config, context.device)
+    scaler = torch.amp.GradScaler(context.device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(config.seed * 7919 + context.rank)  # this rank's dropout stream; a resume restores its state
+    start = resume_state(config, model, optimizer, scaler, context)
+    if context.is_main:
+        keep_metrics_until(run_dir / "metrics.jsonl", start)
+    data = StreamDataset(open_dataset(config.data), config.seed)
+    sampler = StreamPositions(config.batch_size, context.rank, context.world_size, start * config.accum_steps,
+                              config.max_steps * config.accum_steps)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_stream, num_workers=config.num_workers,
+                        generator=torch.Generator().manual_seed(config.seed))  # leaves the global RNG alone
+    engine = DistributedDataParallel(model, find_unused_parameters=True) if context.enabled else model
+    if config.compile:
+        engine = torch.compile(engine)
+    cross_rank = TorchDistributed(context) if context.enabled else None
+    metrics = open(run_dir / "metrics.jsonl", "a") if context.is_main else None  # noqa: SIM115 (closed below)
+    board = tensorboard_writer(run_dir) if context.is_main and config.tensorboard else None
+    progress = tqdm(total=config.max_steps, initial=start, disable=not context.is_main, desc="pretrain")
+    batches, tick = iter(loader), time.perf_counter()
+    for step in range(start, config.max_steps):
+        lr = config.lr_at(step, context.world_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(len(LOSS_TERMS))
+        for micro in range(config.accum_steps):
+            images, graphs, positions = next(batches)
+            images, graphs = images.to(context.device, non_blocking=True), graphs.to(context.device)
+            sync = engine.no_sync() if context.enabled and micro < config.accum_steps - 1 else nullcontext()
+            with sync, torch.autocast(context.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = engine(images, graphs, sample_seeds=positions + config.seed * 1_000_003,
+                             cross_rank=cross_rank)
+            check_finite(out, step, positions, context, data)
+            with sync:
+                scaler.scale(out["loss"] / config.accum_steps).backward()
+            totals += torch.stack([out[k].detach().float().cpu() for k in LOSS_TERMS]) / config.accum_steps
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        totals = all_mean(totals, context)
+        now = time.perf_counter()
+        record = {"step": step + 1, **dict(zip(LOSS_TERMS, totals.tolist())), "lr": lr, "grad_norm": float(grad_norm),
+                  "samples_per_s": config.global_batch(context.world_size) / (now - tick)}
+        tick = now
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if board:
+            for key, value in record.items():
+                if key != "step":
+                    board.add_scalar(f"pretrain/{key}", value, step + 1)
+        progress.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps:
+            save_checkpoint(run_dir / "checkpoints", step + 1, model, optimizer, scaler.state_dict(), config.to_dict(),
+                            context.rank, context.world_size, config.keep_checkpoints)
+    progress.close()
+    final = run_dir / "final"
+    if context.is_main:
+        metrics.close()
+        if board:
+            board.close()
+        model.eval().save_pretrained(final)
+        if config.push_to_hub:
+            model.push_to_hub(config.push_to_hub)
+    shutdown_distributed()
+    return final
+
+
+def run(config: TrainConfig) -> int:
+    """Train with ``config`` and report where the results are; returns the exit code."""
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    final = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"metrics: {Path(config.out) / 'metrics.jsonl'}\nfinal model: {final}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``geolink pretrain`` as a Python call: ``geolink.train.main(["--data", "bundled", ...])``."""
+    return run(parse_config(argv))

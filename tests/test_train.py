@@ -1,0 +1,134 @@
+"""The pretraining engine on real pairs (the official UFZ samples): outputs, learning, exact resume, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geolink.models import GeoLinkForPretraining
+from geolink.train import main
+from geolink.train import trainer as trainer_module
+from geolink.train.checkpoint import latest_checkpoint
+from geolink.train.config import TrainConfig, parse_config
+
+
+@pytest.fixture
+def ufz_pairs(shared) -> Path:
+    return shared("official_examples", "ufz")
+
+
+def arguments(data: Path, out: Path, steps: int, batch: int = 2, *extra: str) -> list[str]:
+    # UFZ graphs carry 512-wide CLIP features; no dropout so runs are comparable across process layouts
+    return ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
+            "--save-every", "3", "--warmup-steps", "2", "--seed", "5", "--base-lr", "0.02",
+            "--set", "text_dim=512", "--set", "fusion_dropout=0.0", *extra]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_flags_and_schedule():
+    config = parse_config(["--max-steps", "100", "--batch-size", "8", "--accum-steps", "2", "--warmup-steps", "10",
+                           "--base-lr", "1e-3", "--set", "text_dim=512", "--set", "trunk=vit_small_patch16_224"])
+    assert config.overrides == {"text_dim": 512, "trunk": "vit_small_patch16_224"}
+    assert config.global_batch(world_size=4) == 64 and config.peak_lr(4) == pytest.approx(1e-3 * 64 / 256)
+    assert config.lr_at(0, 4) == pytest.approx(config.peak_lr(4) / 10)
+    assert config.lr_at(9, 4) == pytest.approx(config.peak_lr(4))
+    assert config.lr_at(99, 4) < config.lr_at(50, 4) < config.lr_at(10, 4)
+    assert TrainConfig().precision == "auto"
+
+
+def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(ufz_pairs, tmp_path):
+    out = tmp_path / "run"
+    assert main(arguments(ufz_pairs, out, steps=4)) == 0
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]) >= {"step", "loss", "loss_mae", "loss_contrastive", "loss_consistency", "lr"}
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000004"
+    model = GeoLinkForPretraining.from_pretrained(out / "final")
+    assert model.osm_encoder.text_dim == 512
+
+
+def test_loss_decreases_over_30_steps(ufz_pairs, tmp_path):
+    out = tmp_path / "run"
+    main(arguments(ufz_pairs, out, 30, 3))
+    losses = [r["loss"] for r in read_metrics(out)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(ufz_pairs, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    main(arguments(ufz_pairs, reference, 7))
+
+    killed = tmp_path / "killed"
+    real_check = trainer_module.check_finite
+
+    def die_at_step_5(out, step, *args):
+        if step == 4:  # 0-based: the process dies during step 5, after the step-3 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real_check(out, step, *args)
+
+    monkeypatch.setattr(trainer_module, "check_finite", die_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments(ufz_pairs, killed, 7))
+    monkeypatch.setattr(trainer_module, "check_finite", real_check)
+    assert len(read_metrics(killed)) == 4 and latest_checkpoint(killed / "checkpoints").name == "step_00000003"
+
+    main(arguments(ufz_pairs, killed, 7, 2, "--resume"))
+    assert read_metrics(killed) == [{**r, "samples_per_s": k["samples_per_s"]}
+                                    for r, k in zip(read_metrics(reference), read_metrics(killed))]
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(ufz_pairs, tmp_path, monkeypatch):
+    import geolink.train.checkpoint as checkpoint_module
+
+    out = tmp_path / "run"
+    real_save = checkpoint_module.safetensors.torch.save_file
+    calls = {"count": 0}
+
+    def die_while_writing_step_6(tensors, path, *args, **kwargs):
+        if "step_00000006" in str(path) and "model" in str(path):
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt("simulated kill during checkpoint write")
+        calls["count"] += 1
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", die_while_writing_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        main(arguments(ufz_pairs, out, 7))
+    monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", real_save)
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000003"
+    assert main(arguments(ufz_pairs, out, 7, 2, "--resume")) == 0
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
+
+
+def test_resume_refuses_a_different_run(ufz_pairs, tmp_path):
+    out = tmp_path / "run"
+    main(arguments(ufz_pairs, out, 3))
+    with pytest.raises(ValueError, match="batch_size"):
+        main(arguments(ufz_pairs, out, 6, 3, "--resume"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_samples(ufz_pairs, tmp_path):
+    with pytest.raises(trainer_module.NonFiniteLossError, match=r"step 0: loss.*dataset samples \[\d+, \d+\]"):
+        main(arguments(ufz_pairs, tmp_path / "run", 2, 2, "--base-lr", "1e30", "--set", "temperature=0.0"))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(ufz_pairs, tmp_path):
+    one = tmp_path / "one"
+    main(arguments(ufz_pairs, one, 3, 4))
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "geolink.cli", "pretrain", *arguments(ufz_pairs, two, 3, 2), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        for key in ("loss", "loss_mae", "loss_contrastive", "loss_consistency", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
