@@ -1,0 +1,432 @@
+"""OSM features → the heterogeneous tile graph of DESIGN §3: :class:`OSMGraphBuilder`.
+
+Owns the geometry pipeline (reprojection, bbox clipping, multi-part splitting, ``make_valid`` repair, dropping
+empty and degenerate parts, with a :class:`BuildReport` of what happened), the deterministic anchors, and the
+assembly of tag features (materialised ``x`` or the compact vocabulary-id form) and edges into a ``HeteroData``.
+Topology lives in :mod:`geolink.graph.relations`, tag handling in :mod:`geolink.graph.tags`, text in
+:mod:`geolink.graph.text`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+import torch
+from scipy import sparse
+from torch_geometric.data import HeteroData
+
+from geolink.graph.relations import all_relations
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS
+from geolink.graph.tags import (
+    KEEP_ALL,
+    TagFilter,
+    Tags,
+    TagVocabulary,
+    load_key_frequency,
+    tag_weights,
+    tags_to_strings,
+)
+
+BBox = tuple[float, float, float, float]
+_TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
+_ANGLES = np.radians(360 / 3 * np.arange(3))
+_RADII_STEPS = 10
+
+
+@dataclass
+class BuildReport:
+    """What the geometry pipeline did with a tile's features (counts).
+
+    Attributes:
+        features: features given.
+        nodes: nodes per type in the graph.
+        outside_bbox: features not intersecting the bbox (dropped).
+        clipped: features crossing the bbox edge (clipped to it).
+        repaired: invalid polygons repaired with ``make_valid``.
+        split_parts: extra nodes created by splitting multi-part geometries (and repaired/clipped results).
+        dropped_empty: empty geometries.
+        dropped_degenerate: parts dropped for zero area/length or for a lower dimension than their feature
+            (e.g. the line left when a polygon only touches the bbox).
+        dropped_no_tags: features without any kept tag.
+        unknown_keys: kept tags whose key is missing from the frequency table (weight 0).
+    """
+
+    features: int = 0
+    nodes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NODE_TYPES, 0))
+    outside_bbox: int = 0
+    clipped: int = 0
+    repaired: int = 0
+    split_parts: int = 0
+    dropped_empty: int = 0
+    dropped_degenerate: int = 0
+    dropped_no_tags: int = 0
+    unknown_keys: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        return asdict(self)
+
+
+@dataclass
+class PreparedTile:
+    """A tile after the geometry and tag pipeline, before text embedding (cheap to send between processes).
+
+    Attributes:
+        bbox: (west, south, east, north) in ``crs``.
+        crs: the tile CRS.
+        pos: per node type, float32 ``[N, A, 2]`` anchors in normalised image coordinates.
+        tags: per node type, each node's tag strings.
+        weights: per node type, each node's averaging weights (sum to 1).
+        edges: per edge type, ``(edge_index [2, E], relation [E])``.
+        report: the :class:`BuildReport`.
+        geoms: per node type, the node geometries (tile CRS), or None once dropped (:meth:`strip`).
+    """
+
+    bbox: BBox
+    crs: str
+    pos: dict[str, np.ndarray]
+    tags: dict[str, list[list[str]]]
+    weights: dict[str, list[np.ndarray]]
+    edges: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]
+    report: BuildReport
+    geoms: dict[str, np.ndarray] | None = None
+
+    def strip(self) -> PreparedTile:
+        """Drop the geometries (they are not needed to assemble the graph); returns self."""
+        self.geoms = None
+        return self
+
+    def unique_tags(self) -> list[str]:
+        """The tile's distinct tag strings, in first-seen order."""
+        return list(dict.fromkeys(s for t in NODE_TYPES for node in self.tags[t] for s in node))
+
+
+def check_bbox(bbox: Iterable[float], crs: str = "EPSG:4326") -> BBox:
+    """Validate ``(west, south, east, north)``; raise ``ValueError`` saying what is wrong and how to fix it."""
+    try:
+        west, south, east, north = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"bbox must be four numbers (west, south, east, north), got {bbox!r}") from None
+    if not all(np.isfinite([west, south, east, north])):
+        raise ValueError(f"bbox {bbox!r} has a non-finite value")
+    if not (east > west and north > south):
+        raise ValueError(f"empty bbox {bbox!r}: it must be (west, south, east, north) with east > west and "
+                         "north > south")
+    if _is_geographic(crs) and not (west >= -180.5 and east <= 180.5 and south >= -90.5 and north <= 90.5):
+        raise ValueError(f"bbox {bbox!r} is not in degrees but crs={crs!r} is geographic: pass the tile's CRS, "
+                         "e.g. crs='EPSG:32635' for UTM coordinates")
+    return west, south, east, north
+
+
+def _is_geographic(crs: str) -> bool:
+    return str(crs).upper().replace(" ", "") in ("EPSG:4326", "OGC:CRS84", "CRS84", "WGS84", "EPSG:4258")
+
+
+def _flatten_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Single-part geometries of ``geoms`` (nested collections included) and the index of their source."""
+    index = np.arange(len(geoms))
+    while True:
+        multi = shapely.get_type_id(geoms) >= 4
+        if not multi.any():
+            return geoms, index
+        parts, part_of = shapely.get_parts(geoms, return_index=True)
+        geoms, index = parts, index[part_of]
+
+
+def polygon_anchors(polygons: np.ndarray) -> np.ndarray:
+    """``[N, 4, 2]`` anchors (tile CRS): three interior points, then the centroid.
+
+    Deterministic version of the official sampler: from the centroid, along the directions 0°, 120° and 240°, at the
+    radius ``(d_min + d_max) / 4`` (the mean of the official random radius, uniform in ``[d_min/2, d_max/2]``, with
+    ``d`` the centroid-to-exterior-vertex distances), stepping back to the centroid in 10 equal steps until the
+    point lies inside the polygon; if none does, ``shapely.point_on_surface`` (always inside) is used.
+    """
+    n = len(polygons)
+    out = np.zeros((n, 4, 2))
+    if n == 0:
+        return out
+    centroid = shapely.get_coordinates(shapely.centroid(polygons))
+    coords, owner = shapely.get_coordinates(shapely.get_exterior_ring(polygons), return_index=True)
+    dist = np.hypot(*(coords - centroid[owner]).T)
+    starts = np.searchsorted(owner, np.arange(n))
+    radius = (np.minimum.reduceat(dist, starts) + np.maximum.reduceat(dist, starts)) / 4
+    steps = np.linspace(1.0, 0.0, _RADII_STEPS)  # the official linspace(radius, 0, 10), as fractions of radius
+    direction = np.stack([np.cos(_ANGLES), np.sin(_ANGLES)], axis=1)  # [3, 2]
+    shapely.prepare(polygons)
+    chosen = np.full((n, 3), -1)
+    pending = np.ones((n, 3), dtype=bool)
+    for s, frac in enumerate(steps):  # 10 vectorised rounds, only over anchors not yet placed
+        rows, cols = np.nonzero(pending)
+        if len(rows) == 0:
+            break
+        r = radius[rows] * frac if s else radius[rows]
+        x = centroid[rows, 0] + r * direction[cols, 0]
+        y = centroid[rows, 1] + r * direction[cols, 1]
+        inside = shapely.contains_xy(polygons[rows], x, y)
+        chosen[rows[inside], cols[inside]] = s
+        pending[rows[inside], cols[inside]] = False
+        out[rows[inside], cols[inside]] = np.stack([x[inside], y[inside]], axis=1)
+    rows, cols = np.nonzero(pending)
+    if len(rows):
+        out[rows, cols] = shapely.get_coordinates(shapely.point_on_surface(polygons[rows]))
+    out[:, 3] = centroid
+    return out
+
+
+def line_anchors(lines: np.ndarray) -> np.ndarray:
+    """``[N, 3, 2]`` anchors (tile CRS): centroid, first vertex, last vertex."""
+    if len(lines) == 0:
+        return np.zeros((0, 3, 2))
+    return np.stack([shapely.get_coordinates(shapely.centroid(lines)),
+                     shapely.get_coordinates(shapely.get_point(lines, 0)),
+                     shapely.get_coordinates(shapely.get_point(lines, -1))], axis=1)
+
+
+def normalize_positions(xy: np.ndarray, bbox: BBox) -> np.ndarray:
+    """Tile-CRS coordinates → normalised image coordinates ``(u, v)`` (float32), DESIGN §3."""
+    west, south, east, north = bbox
+    u = (xy[..., 0] - west) / (east - west)
+    v = 1 - (xy[..., 1] - south) / (north - south)
+    return np.stack([u, v], axis=-1).astype(np.float32)
+
+
+class OSMGraphBuilder:
+    """Builds DESIGN §3 tile graphs from OSM features, deterministically.
+
+    Args:
+        tag_encoder: a :class:`~geolink.graph.text.TagEncoder` (or anything with ``encode(strings) -> [n, D]``
+            and ``dim``); needed for materialised ``x``, not for the compact form.
+        tag_weights: key-frequency table for the ``log(frequency)`` weights: ``"official"`` (shipped), a JSON path,
+            a dict, or None (plain means).
+        tag_filter: which keys become tags. ``"auto"`` (default): tag dicts (raw OSM) keep only keys present in the
+            frequency table; official label strings are kept whole (their unknown keys get weight 0, as in the
+            official builder). A :class:`~geolink.graph.tags.TagFilter` applies to both; None keeps everything.
+        delaunay_min_points: smallest point count that is triangulated (3; the official builder uses 4).
+        clip: clip features to the bbox (features already inside are never modified).
+
+    Example:
+        >>> builder = OSMGraphBuilder(TagEncoder(model_dir), tag_weights="official")
+        >>> graph = builder.build([(shapely.box(0.1, 0.1, 0.2, 0.2), "building:building")], bbox=(0, 0, 1, 1))
+    """
+
+    def __init__(self, tag_encoder: Any = None, tag_weights: str | Path | Mapping[str, float] | None = "official",
+                 tag_filter: TagFilter | str | None = "auto", delaunay_min_points: int = 3, clip: bool = True) -> None:
+        self.tag_encoder = tag_encoder
+        self.frequency = load_key_frequency(tag_weights)
+        if isinstance(tag_filter, str) and tag_filter != "auto":
+            raise ValueError(f"tag_filter must be 'auto', a TagFilter or None, got {tag_filter!r}")
+        self.tag_filter = tag_filter
+        self.delaunay_min_points = int(delaunay_min_points)
+        self.clip = clip
+        self.last_report: BuildReport | None = None
+
+    # ------------------------------------------------------------------ geometry + tags (no text model)
+    def _strings(self, tags: Tags | None) -> list[str]:
+        if self.tag_filter == "auto":
+            tag_filter = KEEP_ALL if isinstance(tags, str) else TagFilter()
+        else:
+            tag_filter = self.tag_filter
+        return tags_to_strings(tags, self.frequency, tag_filter)
+
+    def prepare(self, features: Iterable[tuple[Any, Tags | None]], bbox: Iterable[float], crs: str = "EPSG:4326",
+                feature_crs: str | None = None) -> PreparedTile:
+        """Geometry, anchors, tags and edges of a tile, without the text model.
+
+        Args:
+            features: ``(shapely geometry, tags)`` pairs; tags are an OSM dict or an official label string.
+            bbox: the tile (west, south, east, north) in ``crs``.
+            crs: the tile CRS (``g.crs``).
+            feature_crs: CRS of the features when it differs from ``crs`` (reprojected with pyproj).
+        """
+        bbox = check_bbox(bbox, crs)
+        report = BuildReport()
+        geoms, strings = [], []
+        for k, item in enumerate(features):
+            try:
+                geom, tags = item
+            except (TypeError, ValueError):
+                raise TypeError(f"feature {k} must be a (shapely geometry, tags) pair, got {item!r:.80}") from None
+            if not isinstance(geom, shapely.Geometry):
+                raise TypeError(f"feature {k}: geometry must be a shapely geometry, got {type(geom).__name__}; "
+                                "convert GeoJSON dicts with shapely.geometry.shape")
+            report.features += 1
+            kept = self._strings(tags)
+            if self.frequency is not None:
+                report.unknown_keys += sum(s.split(":", 1)[0] not in self.frequency for s in kept)
+            if not kept:
+                report.dropped_no_tags += 1
+                continue
+            geoms.append(geom)
+            strings.append(kept)
+        geoms = np.asarray(geoms, dtype=object) if geoms else np.zeros(0, dtype=object)
+        if feature_crs is not None and str(feature_crs) != str(crs) and len(geoms):
+            from geolink.graph.io import reproject
+
+            geoms = reproject(geoms, feature_crs, crs)
+        empty = shapely.is_empty(geoms)
+        report.dropped_empty += int(empty.sum())
+        keep = ~empty
+        geoms, strings = geoms[keep], [s for s, k in zip(strings, keep, strict=True) if k]
+        dims = shapely.get_dimensions(geoms)
+        invalid = (dims == 2) & ~shapely.is_valid(geoms)
+        if invalid.any():
+            geoms[invalid] = shapely.make_valid(geoms[invalid])
+            report.repaired += int(invalid.sum())
+        if self.clip and len(geoms):
+            tile = shapely.box(*bbox)
+            shapely.prepare(tile)
+            inside = shapely.covers(tile, geoms)
+            touching = ~inside & shapely.intersects(tile, geoms)
+            outside = ~inside & ~touching
+            report.outside_bbox += int(outside.sum())
+            report.clipped += int(touching.sum())
+            if touching.any():
+                geoms[touching] = shapely.intersection(geoms[touching], tile)
+            if outside.all() and len(geoms) and _is_geographic(crs):
+                bounds = shapely.total_bounds(geoms)
+                if not (bounds[0] >= -180.5 and bounds[2] <= 180.5 and bounds[1] >= -90.5 and bounds[3] <= 90.5):
+                    raise ValueError(f"the features are not in degrees (bounds {bounds.round(1).tolist()}) but the "
+                                     f"tile crs is {crs!r}: pass feature_crs= (e.g. 'EPSG:3857') to reproject them")
+            geoms, dims, strings = geoms[~outside], dims[~outside], [s for s, o in zip(strings, outside, strict=True)
+                                                                     if not o]
+        parts, owner = _flatten_parts(geoms)
+        part_dims = shapely.get_dimensions(parts)
+        report.split_parts += max(0, int(len(parts) - len(np.unique(owner))))
+        good = (part_dims == dims[owner]) & ~shapely.is_empty(parts)
+        good &= np.where(part_dims == 2, shapely.area(parts) > 0, True)
+        good &= np.where(part_dims == 1, shapely.length(parts) > 0, True)
+        report.dropped_degenerate += int((~good).sum())
+        parts, owner, part_dims = parts[good], owner[good], part_dims[good]
+
+        by_type = {t: parts[part_dims == d] for d, t in _TYPE_OF_DIM.items()}
+        owners = {t: owner[part_dims == d] for d, t in _TYPE_OF_DIM.items()}
+        if len(by_type["line"]):  # LinearRing parts become LineStrings (same vertices, same order)
+            rings = shapely.get_type_id(by_type["line"]) == 2
+            if rings.any():
+                by_type["line"][rings] = [shapely.LineString(ring.coords) for ring in by_type["line"][rings]]
+        point_xy = shapely.get_coordinates(by_type["point"]) if len(by_type["point"]) else np.zeros((0, 2))
+        raw_pos = {"polygon": polygon_anchors(by_type["polygon"]), "line": line_anchors(by_type["line"]),
+                   "point": point_xy.reshape(-1, 1, 2)}
+        pos = {t: normalize_positions(raw_pos[t], bbox) for t in NODE_TYPES}
+        tags, weights = {}, {}
+        for t in NODE_TYPES:
+            tags[t] = [strings[k] for k in owners[t]]
+            weights[t] = []
+            for node in tags[t]:
+                raw = tag_weights(node, self.frequency)
+                total = raw.sum()
+                weights[t].append(raw / total if total != 0 else np.full(len(node), 1.0 / len(node)))
+            report.nodes[t] = len(tags[t])
+        edges = all_relations(by_type["polygon"], by_type["line"], by_type["point"], point_xy,
+                              self.delaunay_min_points)
+        return PreparedTile(bbox=bbox, crs=str(crs), pos=pos, tags=tags, weights=weights, edges=edges, report=report,
+                            geoms=by_type)
+
+    # ------------------------------------------------------------------ assembly
+    def to_graph(self, prepared: PreparedTile, vocabulary: TagVocabulary | None = None,
+                 materialize: bool | None = None) -> HeteroData:
+        """Turn a :class:`PreparedTile` into a ``HeteroData``.
+
+        Args:
+            prepared: output of :meth:`prepare`.
+            vocabulary: when given, each node type also gets the compact form ``tags`` (int64 ``[N, K]`` ids into
+                ``vocabulary``, new strings appended, -1 padded) and ``tag_weight`` (float32 ``[N, K]``, rows sum
+                to 1, so ``x = sum_k tag_weight[:, k] * table[tags[:, k]]``).
+            materialize: compute ``x`` with the tag encoder (default: True without a vocabulary, False with one).
+        """
+        if materialize is None:
+            materialize = vocabulary is None
+        if materialize and self.tag_encoder is None:
+            raise ValueError("OSMGraphBuilder needs a tag_encoder to compute node features x; pass "
+                             "tag_encoder=TagEncoder(...) or build the compact form with vocabulary=TagVocabulary()")
+        graph = HeteroData()
+        embeddings = unique_index = None
+        if materialize:
+            unique = prepared.unique_tags()
+            unique_index = {s: i for i, s in enumerate(unique)}
+            embeddings = self.tag_encoder.encode(unique).numpy().astype(np.float64)
+        dim = int(self.tag_encoder.dim) if self.tag_encoder is not None else 0
+        for t in NODE_TYPES:
+            nodes = prepared.tags[t]
+            n = len(nodes)
+            counts = np.fromiter((len(node) for node in nodes), dtype=np.int64, count=n)
+            flat = [s for node in nodes for s in node]
+            flat_w = np.concatenate(prepared.weights[t]) if n else np.zeros(0)
+            rows = np.repeat(np.arange(n), counts)
+            if materialize:
+                cols = np.fromiter((unique_index[s] for s in flat), dtype=np.int64, count=len(flat))
+                if n:
+                    mixing = sparse.csr_matrix((flat_w, (rows, cols)), shape=(n, len(unique_index)))
+                    graph[t].x = torch.from_numpy(np.asarray(mixing @ embeddings, dtype=np.float32))
+                else:
+                    graph[t].x = torch.zeros(0, dim)
+            graph[t].pos = torch.from_numpy(prepared.pos[t]).reshape(n, NUM_ANCHORS[t], 2)
+            if vocabulary is not None:
+                width = int(counts.max()) if n else 0
+                slot = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+                ids = np.full((n, width), -1, dtype=np.int64)
+                weight = np.zeros((n, width), dtype=np.float32)
+                ids[rows, slot] = vocabulary.add(flat)
+                weight[rows, slot] = flat_w
+                graph[t].tags = torch.from_numpy(ids)
+                graph[t].tag_weight = torch.from_numpy(weight)
+        for edge_type in EDGE_TYPES:
+            edge_index, relation = prepared.edges[edge_type]
+            graph[edge_type].edge_index = torch.from_numpy(np.ascontiguousarray(edge_index, dtype=np.int64))
+            one_hot = np.zeros((len(relation), len(RELATIONS[edge_type])), dtype=np.float32)
+            one_hot[np.arange(len(relation)), relation] = 1.0
+            graph[edge_type].edge_attr = torch.from_numpy(one_hot)
+        graph.bbox = torch.tensor([prepared.bbox], dtype=torch.float64)
+        graph.crs = prepared.crs
+        return graph
+
+    def build(self, features: Iterable[tuple[Any, Tags | None]], bbox: Iterable[float], crs: str = "EPSG:4326", *,
+              feature_crs: str | None = None, vocabulary: TagVocabulary | None = None,
+              materialize: bool | None = None, return_report: bool = False) -> HeteroData | tuple[HeteroData,
+                                                                                                 BuildReport]:
+        """Build one tile graph.
+
+        Args:
+            features: ``(shapely geometry, tags)`` pairs, tags an OSM dict or an official label ``"k:v;k:v"``.
+                Node order per type follows this order (multi-part geometries split in place).
+            bbox: (west, south, east, north) in ``crs``; features are clipped to it, features already inside are
+                used exactly as given.
+            crs: the tile CRS, stored as ``g.crs``.
+            feature_crs: CRS of the features when different from ``crs``.
+            vocabulary: also return the compact form (see :meth:`to_graph`).
+            materialize: compute ``x`` (default: True unless ``vocabulary`` is given).
+            return_report: also return the :class:`BuildReport` (it is always kept as ``self.last_report``).
+        """
+        prepared = self.prepare(features, bbox, crs, feature_crs)
+        graph = self.to_graph(prepared, vocabulary, materialize)
+        self.last_report = prepared.report
+        return (graph, prepared.report) if return_report else graph
+
+    def build_from_frames(self, polygons: Any = None, lines: Any = None, points: Any = None, *,
+                          bbox: Iterable[float], crs: str = "EPSG:4326", label_column: str = "label",
+                          **kwargs: Any) -> HeteroData | tuple[HeteroData, BuildReport]:
+        """Build from (Geo)DataFrames, e.g. the official ``<tile>_{polygon,line,point}.geojson`` files.
+
+        Each frame needs a ``geometry`` column; tags come from ``label_column`` when present, otherwise from
+        every other non-null column. A frame's ``.crs``, when set and different from ``crs``, is reprojected.
+        Rows are used in frame order: polygons first, then lines, then points.
+        """
+        from geolink.graph.io import frame_features
+
+        features, frame_crs = [], None
+        for frame in (polygons, lines, points):
+            if frame is None:
+                continue
+            rows, this_crs = frame_features(frame, label_column)
+            if frame_crs is not None and this_crs is not None and str(this_crs) != str(frame_crs):
+                raise ValueError(f"the frames have different CRSs ({frame_crs} and {this_crs}); reproject them first")
+            frame_crs = frame_crs or this_crs
+            features.extend(rows)
+        if frame_crs is not None and _is_geographic(str(frame_crs)) and _is_geographic(crs):
+            frame_crs = None
+        return self.build(features, bbox, crs, feature_crs=kwargs.pop("feature_crs", frame_crs), **kwargs)

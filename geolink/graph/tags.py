@@ -1,0 +1,266 @@
+"""OSM tags → tag strings, key frequencies, weights and the tag vocabulary (DESIGN §3).
+
+Owns everything about tags that does not need a text model: turning OSM tag dicts and official ``label``
+strings (``"k:v;k:v"``) into tag strings, the key-frequency table (the official one shipped in
+``geolink/assets`` or one counted from any corpus), the ``log(frequency)`` weights, key filtering and the
+append-only :class:`TagVocabulary` that stored datasets index into.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+OFFICIAL_KEY_FREQUENCY = Path(__file__).resolve().parents[1] / "assets" / "tag_key_frequency.json"
+"""The official key-frequency table (MIT, from the official GeoLink repository)."""
+
+_OFFICIAL_NAMES = ("tag_key_frequency.json", "all_tags30_frequency1.json")
+
+Tags = Mapping[str, str] | str
+"""A feature's tags: an OSM tag dict (``{"building": "yes"}``) or an official label (``"building:building"``)."""
+
+
+def normalize_key(key: str) -> str:
+    """OSM key → the key as written in tag strings and frequency tables (``roof:shape`` → ``roof shape``)."""
+    return key.strip().replace(":", " ")
+
+
+def tag_string(key: str, value: str) -> str:
+    """One OSM tag → its tag string: ``roof:shape=gabled`` → ``roof shape:gabled``, ``building=yes`` →
+    ``building:building`` (the value ``yes`` is replaced by the key)."""
+    key = normalize_key(key)
+    value = str(value).strip()
+    return f"{key}:{key if value == 'yes' else value}"
+
+
+def tag_key(tag: str) -> str:
+    """The key of a tag string: everything before the first ``:`` (as the official builder splits it)."""
+    return tag.split(":", 1)[0]
+
+
+def parse_label(label: str) -> list[str]:
+    """An official ``label`` (``"k:v;k:v"``) → its tag strings, in order, empty items dropped."""
+    return [item for item in (part.strip() for part in label.split(";")) if item]
+
+
+@dataclass(frozen=True)
+class TagFilter:
+    """Which OSM keys become node tags.
+
+    Args:
+        allow: if given, only these keys are kept (raw OSM ``roof:shape`` or normalised ``roof shape`` spelling).
+        deny: keys always dropped.
+        known_only: keep only keys present in the key-frequency table (the default: a key missing from the table
+            has weight 0 and mostly carries noise such as names and ids).
+    """
+
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = field(default_factory=frozenset)
+    known_only: bool = True
+
+    def __post_init__(self) -> None:
+        if self.allow is not None:
+            object.__setattr__(self, "allow", frozenset(normalize_key(k) for k in self.allow))
+        object.__setattr__(self, "deny", frozenset(normalize_key(k) for k in self.deny))
+
+    def keeps(self, key: str, frequency: Mapping[str, float] | None) -> bool:
+        """Whether the normalised ``key`` is kept, given the key-frequency table (None: no table)."""
+        if key in self.deny:
+            return False
+        if self.allow is not None and key not in self.allow:
+            return False
+        return not (self.known_only and frequency is not None and key not in frequency)
+
+
+KEEP_ALL = TagFilter(known_only=False)
+"""A filter keeping every tag (unknown keys get weight 0, as in the official builder)."""
+
+
+def tags_to_strings(tags: Tags | None, frequency: Mapping[str, float] | None = None,
+                    tag_filter: TagFilter | None = None) -> list[str]:
+    """A feature's tags → its tag strings, in input order.
+
+    Args:
+        tags: an OSM tag dict or an official label string (``None``/empty → no tags).
+        frequency: key-frequency table used by ``tag_filter.known_only``.
+        tag_filter: which keys to keep; None keeps everything.
+    """
+    if not tags:
+        return []
+    if isinstance(tags, str):
+        strings = parse_label(tags)
+    elif isinstance(tags, Mapping):
+        strings = [tag_string(k, v) for k, v in tags.items() if v is not None and str(v).strip() != ""]
+    else:
+        raise TypeError(f"tags must be a dict of OSM tags or a 'k:v;k:v' label string, got {type(tags).__name__}")
+    if tag_filter is None:
+        return strings
+    return [s for s in strings if tag_filter.keeps(tag_key(s), frequency)]
+
+
+def load_key_frequency(source: str | Path | Mapping[str, float] | None = "official") -> dict[str, float] | None:
+    """Load a key-frequency table.
+
+    Args:
+        source: ``"official"`` (the table shipped with geolink), a JSON file ``{key: count}``, a dict, or None
+            (no table: every weight is 0, so node features are plain means of their tag embeddings). The bare
+            names of the official file (``"tag_key_frequency.json"``, ``"all_tags30_frequency1.json"``) that do
+            not exist as files also mean the shipped copy.
+
+    Raises:
+        FileNotFoundError: the JSON file does not exist.
+        ValueError: the file is not a ``{key: number}`` object.
+    """
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        return {str(k): float(v) for k, v in source.items()}
+    path = OFFICIAL_KEY_FREQUENCY if str(source) == "official" else Path(source).expanduser()
+    if not path.is_file() and str(source) in _OFFICIAL_NAMES:  # the official file's names mean the shipped copy
+        path = OFFICIAL_KEY_FREQUENCY
+    if not path.is_file():
+        raise FileNotFoundError(f"key-frequency table {path} not found; pass 'official', a JSON file written by "
+                                "`geolink tag-stats`, or a dict")
+    with open(path, encoding="utf-8") as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict) or not all(isinstance(v, int | float) for v in table.values()):
+        raise ValueError(f"{path} must hold a JSON object {{key: frequency}}")
+    return {str(k): float(v) for k, v in table.items()}
+
+
+def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None) -> np.ndarray:
+    """``log(frequency(key))`` of each tag string (float64); a missing key (or no table) has frequency 1."""
+    if frequency is None:
+        return np.zeros(len(strings))
+    return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
+
+
+def normalized_weights(raw: np.ndarray) -> np.ndarray:
+    """Raw weights of one node's tags → the averaging weights: ``w / sum(w)``, or uniform when the sum is 0."""
+    total = raw.sum()
+    if raw.size == 0:
+        return raw
+    return raw / total if total != 0 else np.full(raw.shape, 1.0 / raw.size)
+
+
+class KeyCounter:
+    """Counts, for each normalised key, the number of OSM objects carrying it (``geolink tag-stats``)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.objects = 0
+
+    def add(self, tags: Tags | None) -> None:
+        """Count one object's keys (each key once per object)."""
+        self.objects += 1
+        if not tags:
+            return
+        keys = ({tag_key(s) for s in parse_label(tags)} if isinstance(tags, str)
+                else {normalize_key(k) for k in tags})
+        self.counts.update(keys)
+
+    def table(self, min_count: int = 1) -> dict[str, int]:
+        """The frequency table, most frequent first (ties by key), keeping keys seen at least ``min_count`` times."""
+        items = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {k: v for k, v in items if v >= min_count}
+
+    def save(self, path: str | Path, min_count: int = 1) -> dict[str, int]:
+        """Write the table as JSON (the format :func:`load_key_frequency` reads) and return it."""
+        table = self.table(min_count)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(table, handle, indent=1, ensure_ascii=False)
+        return table
+
+
+class TagVocabulary:
+    """Append-only list of unique tag strings; ids are positions, stable once given.
+
+    Stored datasets keep tags as ids into one vocabulary and one embedding table ``[V, D]`` (DESIGN §3).
+    """
+
+    def __init__(self, strings: Iterable[str] = ()) -> None:
+        self.strings: list[str] = []
+        self._ids: dict[str, int] = {}
+        self.add(strings)
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._ids
+
+    def add(self, strings: Iterable[str]) -> np.ndarray:
+        """Ids of ``strings`` (int64), adding the new ones at the end."""
+        ids = []
+        for s in strings:
+            idx = self._ids.get(s)
+            if idx is None:
+                idx = self._ids[s] = len(self.strings)
+                self.strings.append(s)
+            ids.append(idx)
+        return np.asarray(ids, dtype=np.int64)
+
+    def ids(self, strings: Iterable[str]) -> np.ndarray:
+        """Ids of known strings; raises ``KeyError`` naming the first unknown one."""
+        try:
+            return np.asarray([self._ids[s] for s in strings], dtype=np.int64)
+        except KeyError as err:
+            raise KeyError(f"tag string {err.args[0]!r} is not in the vocabulary") from None
+
+    def save(self, path: str | Path, **info: object) -> None:
+        """Write ``{"strings": [...], **info}`` as JSON (atomically)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({**info, "strings": self.strings}, handle, ensure_ascii=False)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TagVocabulary:
+        """Read a vocabulary written by :meth:`save`."""
+        with open(path, encoding="utf-8") as handle:
+            return cls(json.load(handle)["strings"])
+
+
+def count_keys(inputs: Iterable[str | Path], out: str | Path | None = None, min_count: int = 1,
+               progress: bool = False) -> dict[str, int]:
+    """Key-frequency table of a corpus (``geolink tag-stats``): objects per key over ``.osm.pbf``/``.osm`` files
+    (every tagged node, way and relation) and GeoJSON files (every feature).
+
+    Args:
+        inputs: the files.
+        out: when given, the table is written there as JSON.
+        min_count: drop keys seen fewer times.
+        progress: show a progress bar.
+    """
+    counter = KeyCounter()
+    for path in map(Path, inputs):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        name = path.name.lower()
+        if name.endswith((".pbf", ".osm", ".osm.bz2", ".osm.gz")):
+            try:
+                import osmium
+            except ImportError as err:
+                raise ImportError("reading OSM files needs pyosmium: `pip install geolink[osm]`") from err
+            from tqdm.auto import tqdm
+
+            for obj in tqdm(osmium.FileProcessor(str(path)), desc=f"counting {path.name}", unit=" objects",
+                            disable=not progress, mininterval=1):
+                if obj.tags:
+                    counter.add({t.k: t.v for t in obj.tags})
+        elif name.endswith((".geojson", ".json")):
+            from geolink.graph.io import read_geojson
+
+            for _, tags in read_geojson(path)[0]:
+                counter.add(tags)
+        else:
+            raise ValueError(f"tag-stats reads .osm.pbf/.osm and GeoJSON files, not {path.suffix!r} ({path})")
+    return counter.save(out, min_count) if out is not None else counter.table(min_count)

@@ -1,0 +1,194 @@
+"""Tag-string embeddings with any Hugging Face text model, each unique string encoded once.
+
+Owns :class:`TagEncoder`: loads a text model (CLIP text tower, BERT, MiniLM, ...) from a local folder or a Hub id,
+embeds tag strings in length-sorted batches with the pooling of DESIGN §3, and caches every embedding in memory
+and optionally on disk (one safetensors file per model id + revision + pooling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+POOLINGS = ("official", "mean", "cls")
+"""``official``: last hidden state averaged over every real token but the first (the official GeoLink tag
+embedding); ``mean``: over every real token; ``cls``: the first token."""
+
+
+def _local_revision(folder: Path) -> str:
+    """A content fingerprint of a local model folder (config + tokenizer files + weight file heads and sizes)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(file.name.encode())
+        digest.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+    return "local-" + digest.hexdigest()[:16]
+
+
+def _load_text_model(name: str, revision: str | None) -> tuple[torch.nn.Module, object]:
+    """Load (model, tokenizer); a CLIP checkpoint yields its text tower only."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    local = Path(name).is_dir()
+    kwargs = {"revision": revision} if revision else {}
+    if local:
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot load a text model from {name!r}: pass a local Hugging Face model folder (with "
+                      f"config.json) or a Hub id ({err})") from err
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if config.model_type in ("clip", "siglip", "chinese_clip", "altclip"):
+        from transformers import CLIPTextModel, SiglipTextModel
+
+        text_cls = SiglipTextModel if config.model_type == "siglip" else CLIPTextModel
+        model = text_cls.from_pretrained(name, **kwargs)
+    else:
+        model = AutoModel.from_pretrained(name, **kwargs)
+    return model, tokenizer
+
+
+class TagEncoder:
+    """Embeds tag strings with a Hugging Face text model; every unique string is run through the model once.
+
+    Args:
+        model_name_or_path: a local model folder or a Hub id (only a Hub id ever triggers a download).
+        pooling: one of :data:`POOLINGS`; ``"official"`` reproduces the official GeoLink tag embedding.
+        device: torch device; default CUDA when available, else CPU.
+        batch_size: strings per forward pass (strings are sorted by length first to limit padding).
+        cache_dir: folder of the on-disk cache; None keeps the cache in memory only.
+        revision: Hub revision (part of the cache key).
+        max_length: token limit (default: the model's position limit); longer strings are truncated.
+        dtype: model precision; ``torch.bfloat16`` is several times faster on CPUs with AMX and on GPUs but no longer
+            matches the official float32 features to float precision (embeddings are returned as float32 anyway).
+
+    Padding note: strings are right-padded within a batch and pooled over real tokens only (attention mask), so an
+    embedding equals the unpadded single-string forward pass of the official builder up to float rounding.
+    """
+
+    def __init__(self, model_name_or_path: str | Path, pooling: str = "official", device: str | None = None,
+                 batch_size: int = 64, cache_dir: str | Path | None = None, revision: str | None = None,
+                 max_length: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.name = str(model_name_or_path)
+        self.pooling = pooling
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = _load_text_model(self.name, revision)
+        self.model.eval().to(device=self.device, dtype=dtype)
+        self.dtype = dtype
+        self.tokenizer.padding_side = "right"
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        self.max_length = int(max_length or limit)
+        self.dim = int(self.model.config.hidden_size)
+        local = Path(self.name).is_dir()
+        self.model_id = Path(self.name).resolve().name if local else self.name
+        self.revision = _local_revision(Path(self.name)) if local else (revision or "main")
+        self._cache: dict[str, np.ndarray] = {}
+        self._dirty = False
+        self.cache_path = None
+        if cache_dir is not None:
+            precision = str(dtype).replace("torch.", "")
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "--",
+                         f"{self.model_id}@{self.revision}@{pooling}@{self.max_length}@{precision}")
+            self.cache_path = Path(cache_dir) / f"{key}.safetensors"
+            self._load_disk_cache()
+        self.forward_calls = 0
+        self.strings_encoded = 0
+
+    def __repr__(self) -> str:
+        return f"TagEncoder({self.model_id!r}, pooling={self.pooling!r}, dim={self.dim}, cached={len(self._cache)})"
+
+    @property
+    def cache_size(self) -> int:
+        """Number of strings whose embedding is cached in memory."""
+        return len(self._cache)
+
+    def _load_disk_cache(self) -> None:
+        from safetensors import safe_open
+
+        if self.cache_path is None or not self.cache_path.is_file():
+            return
+        with safe_open(str(self.cache_path), framework="np") as handle:
+            strings = json.loads(handle.metadata()["strings"])
+            table = handle.get_tensor("embeddings")
+        if table.shape != (len(strings), self.dim):
+            raise ValueError(f"tag cache {self.cache_path} does not match the model (shape {table.shape}); delete it")
+        self._cache.update(zip(strings, table, strict=True))
+
+    def save_cache(self) -> Path | None:
+        """Write the in-memory cache to ``cache_dir`` (atomically); returns the file, None without a cache dir."""
+        from safetensors.numpy import save_file
+
+        if self.cache_path is None or not self._dirty:
+            return self.cache_path
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        strings = list(self._cache)
+        table = np.stack([self._cache[s] for s in strings]) if strings else np.zeros((0, self.dim), np.float32)
+        tmp = self.cache_path.with_suffix(".tmp")
+        save_file({"embeddings": np.ascontiguousarray(table, dtype=np.float32)}, str(tmp),
+                  metadata={"strings": json.dumps(strings, ensure_ascii=False), "model_id": self.model_id,
+                            "revision": self.revision, "pooling": self.pooling})
+        tmp.replace(self.cache_path)
+        self._dirty = False
+        return self.cache_path
+
+    @torch.inference_mode()
+    def _forward(self, strings: Sequence[str]) -> np.ndarray:
+        batch = self.tokenizer(list(strings), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                        "token_type_ids")}
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].to(hidden.dtype)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            if self.pooling == "official":
+                mask = mask.clone()
+                mask[:, 0] = 0
+            count = mask.sum(1, keepdim=True)
+            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / count.clamp(min=1)
+        self.forward_calls += 1
+        self.strings_encoded += len(strings)
+        return pooled.cpu().numpy().astype(np.float32)
+
+    def encode(self, strings: Iterable[str], progress: bool = False) -> torch.Tensor:
+        """Embeddings ``[n, D]`` (float32, CPU) of ``strings``; unseen unique strings are embedded in batches.
+
+        Args:
+            strings: tag strings (duplicates allowed; each is embedded once).
+            progress: show a progress bar over batches.
+        """
+        strings = list(strings)
+        missing = sorted({s for s in strings if s not in self._cache}, key=lambda s: (len(s), s))
+        if missing:
+            from tqdm.auto import tqdm
+
+            starts = range(0, len(missing), self.batch_size)
+            for start in tqdm(starts, desc="embedding tags", unit="batch", disable=not progress or len(starts) < 2):
+                chunk = missing[start:start + self.batch_size]
+                self._cache.update(zip(chunk, self._forward(chunk), strict=True))
+            self._dirty = True
+        if not strings:
+            return torch.zeros(0, self.dim)
+        return torch.from_numpy(np.stack([self._cache[s] for s in strings]))
+
+    def embedding_table(self, vocabulary: Sequence[str] | object, progress: bool = False) -> torch.Tensor:
+        """The ``[V, D]`` table of a :class:`~geolink.graph.tags.TagVocabulary` (or a list of strings)."""
+        strings = getattr(vocabulary, "strings", vocabulary)
+        return self.encode(strings, progress=progress)
+
+    def info(self) -> dict[str, object]:
+        """What identifies the embeddings (stored next to embedding tables)."""
+        return {"model_id": self.model_id, "revision": self.revision, "pooling": self.pooling, "dim": self.dim,
+                "max_length": self.max_length, "dtype": str(self.dtype).replace("torch.", "")}
