@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import geolink
-from geolink.data.dataset import OfficialPairFolder, collate_pairs
+from geolink.data.dataset import OfficialPairFolder, PairShards, collate_pairs
 from geolink.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from geolink.train.config import RESUMABLE_CHANGES, TrainConfig, parse_config
 from geolink.train.distributed import (
@@ -81,7 +81,9 @@ class StreamDataset(Dataset):
         return int(self._permutations[epoch][offset])
 
     def __getitem__(self, position: int):
-        image, graph = self.dataset[self.index(position)]
+        index = self.index(position)
+        # pair shards take an augmentation draw: each visit of a sample gets its own, seeded by the position
+        image, graph = self.dataset[index, position] if isinstance(self.dataset, PairShards) else self.dataset[index]
         return image, graph, position
 
 
@@ -91,13 +93,19 @@ def collate_stream(items):
 
 
 def open_dataset(spec: str) -> Dataset:
-    """The training pairs named by ``--data``."""
+    """The training pairs named by ``--data``: ``bundled`` (the real pairs shipped in ``geolink/assets/pairs``), a
+    pair-dataset folder or URL (``index.json``, see :mod:`geolink.data.shards`), or the official UFZ layout
+    (``img/`` + ``graph/``). Pair datasets get the default training augmentation (224 × 224 crops)."""
     if spec == "bundled":
-        return OfficialPairFolder(Path(geolink.__file__).parent / "assets" / "pairs")
+        return PairShards(Path(geolink.__file__).parent / "assets" / "pairs", transform="train")
+    if "://" in spec:
+        return PairShards(spec, transform="train")
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {spec!r}: no such folder (expected img/ + graph/ in the official layout, "
-                                "or 'bundled')")
+        raise FileNotFoundError(f"--data {spec!r}: no such folder (expected a pair dataset with index.json, the "
+                                "official layout img/ + graph/, or 'bundled')")
+    if (path / "index.json").is_file():
+        return PairShards(path, transform="train")
     return OfficialPairFolder(path)
 
 

@@ -1,0 +1,207 @@
+"""The sharded pair format: round trip, append-only writes, fsspec URLs, clear errors for broken files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from geolink.data.shards import (
+    FORMAT,
+    CorruptShardError,
+    PairShardReader,
+    PairShardWriter,
+    graph_from_tensors,
+    shard_sizes,
+)
+from geolink.graph.io import graph_tensors, load_graph, save_graph
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES
+from tests.data_helpers import HashEncoder, build_graph, image_bytes, write_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    return root, write_dataset(root, count=7, per_shard=3)
+
+
+def assert_same_graph(a, b):
+    for t in NODE_TYPES:
+        assert set(a[t].keys()) == set(b[t].keys()), t
+        for key in a[t].keys():  # noqa: SIM118 (a PyG store iterates differently)
+            va, vb = a[t][key], b[t][key]
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(vb)), (t, key)
+    for edge_type in EDGE_TYPES:
+        assert torch.equal(a[edge_type].edge_index, b[edge_type].edge_index), edge_type
+        assert torch.equal(a[edge_type].edge_attr, b[edge_type].edge_attr), edge_type
+    assert torch.equal(a.bbox, b.bbox) and a.crs == b.crs
+
+
+def test_round_trip_keeps_image_bytes_and_graph_tensors(dataset, tmp_path):
+    root, written = dataset
+    reader = PairShardReader(root)
+    assert len(reader) == 7 and reader.names == [f"tile_{k}" for k in range(7)]
+    assert [s["samples"] for s in reader.index["shards"]] == [3, 3, 1]
+    assert reader.index["format"] == FORMAT and reader.index["image_formats"] == ["jpeg", "png"]
+    assert reader.index["text_dim"] == HashEncoder.dim
+    for k in range(7):
+        data, graph = written[f"tile_{k}"]
+        shard_no, j = reader.locate(k)
+        shard = reader.shard(shard_no)
+        assert bytes(shard.image_bytes(j)) == data
+        stored = shard.graph_tensors(j)
+        expected = {key: value.reshape(-1) for key, value in graph_tensors(graph).items()}
+        assert stored.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(stored[key].to(value.dtype), value), key
+        # the decoded graph is exactly what geolink.graph.io.load_graph makes of the same graph
+        assert_same_graph(shard.graph(j), load_graph(save_graph(graph, tmp_path / f"{k}.safetensors")))
+    table = reader.table()
+    assert table.shape == (len(reader.vocabulary().strings), HashEncoder.dim)
+    assert torch.equal(table, HashEncoder().embedding_table(reader.vocabulary()))
+
+
+def test_shards_are_plain_safetensors_without_pickle(dataset):
+    from safetensors import safe_open
+
+    root, _ = dataset
+    with safe_open(str(root / "shard-00000.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["format"] == FORMAT
+        assert json.loads(handle.metadata()["names"]) == ["tile_0", "tile_1", "tile_2"]
+        assert handle.get_tensor("image.offsets").shape == (4,)
+    for path in root.iterdir():
+        assert b"\x80\x04\x95" not in path.read_bytes()[:64], f"{path} looks like a pickle"
+
+
+def test_graph_bytes_per_sample_within_budget(dataset):
+    sizes = shard_sizes(dataset[0])
+    assert sizes["samples"] == 7
+    assert 0 < sizes["graph_bytes"] <= 20_000  # DESIGN §8: stored graphs <= 20 kB
+
+
+def test_append_writes_new_shards_and_never_touches_old_ones(tmp_path):
+    root = tmp_path / "pairs"
+    write_dataset(root, count=4, per_shard=2)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("shard-*.safetensors")}
+    vocab_before = json.loads((root / "vocab.json").read_text())["strings"]
+    write_dataset(root, count=3, per_shard=2, start=4)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("shard-*.safetensors")}
+    assert all(after[name] == digest for name, digest in before.items())
+    assert len(after) == len(before) + 2
+    reader = PairShardReader(root)
+    assert len(reader) == 7 and reader.names == [f"tile_{k}" for k in range(7)]
+    strings = reader.vocabulary().strings
+    assert strings[:len(vocab_before)] == vocab_before  # ids stay stable
+    assert reader.table().shape[0] == len(strings)
+    writer = PairShardWriter(root, tag_encoder=HashEncoder())
+    with pytest.raises(ValueError, match="tile_3.*already"):
+        writer.add("tile_3", image_bytes(0), build_graph(0, writer.vocabulary))
+    assert not list(root.glob("*.tmp"))
+
+
+def test_append_refuses_another_text_model(tmp_path):
+    root = tmp_path / "pairs"
+    write_dataset(root, count=1, per_shard=2)
+
+    class Other(HashEncoder):
+        def info(self):
+            return {"model_id": "another-model", "dim": 32, "pooling": "official"}
+
+    with pytest.raises(ValueError, match="text model"):
+        PairShardWriter(root, tag_encoder=Other())
+
+
+def test_graph_from_tensors_handles_materialised_graphs(minilm_encoder):
+    from geolink.graph.build import OSMGraphBuilder
+    from tests.data_helpers import BBOX, random_features
+
+    graph = OSMGraphBuilder(minilm_encoder).build(random_features(3), BBOX)
+    decoded = graph_from_tensors({k: v.reshape(-1) for k, v in graph_tensors(graph).items()}, graph.crs)
+    for t in NODE_TYPES:
+        assert torch.equal(decoded[t].x, graph[t].x) and torch.equal(decoded[t].pos, graph[t].pos)
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_urls_read_the_same_samples(dataset, scheme):
+    fsspec = pytest.importorskip("fsspec")
+    from geolink.data.dataset import PairShards
+
+    root, _ = dataset
+    if scheme == "memory":
+        fs = fsspec.filesystem("memory")
+        for path in root.iterdir():
+            fs.pipe_file(f"/pairs-test/{path.name}", path.read_bytes())
+        url = "memory://pairs-test"
+    else:
+        url = root.as_uri()
+    local, remote = PairShards(root, transform="eval", img_size=32), PairShards(url, transform="eval", img_size=32)
+    assert len(remote) == len(local) == 7
+    for k in (0, 4, 6):
+        (image_a, graph_a), (image_b, graph_b) = local[k], remote[k]
+        assert torch.equal(image_a, image_b)
+        for t in NODE_TYPES:
+            assert torch.equal(graph_a[t].x, graph_b[t].x)
+
+
+def test_truncated_shard_error_names_the_file(tmp_path):
+    root = tmp_path / "pairs"
+    write_dataset(root, count=2, per_shard=2)
+    shard = root / "shard-00000.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match="shard-00000.safetensors.*truncated"):
+        PairShardReader(root).shard(0)
+    entry_free = json.loads((root / "index.json").read_text())
+    for entry in entry_free["shards"]:
+        entry.pop("bytes")  # without the recorded size the header/body check still catches it
+    (root / "index.json").write_text(json.dumps(entry_free))
+    with pytest.raises(CorruptShardError, match="shard-00000.safetensors.*truncated"):
+        PairShardReader(root).shard(0)
+
+
+def test_corrupt_header_and_versions_are_clear_errors(tmp_path):
+    root = tmp_path / "pairs"
+    write_dataset(root, count=2, per_shard=2)
+    index = json.loads((root / "index.json").read_text())
+    shard = root / "shard-00000.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])
+    index["shards"][0].pop("bytes")
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptShardError, match="shard-00000.safetensors.*corrupt"):
+        PairShardReader(root).shard(0)
+    index["format"] = "geolink-pairs/999"
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptShardError, match="index.json.*geolink-pairs/999"):
+        PairShardReader(root)
+    (root / "index.json").write_text("{not json")
+    with pytest.raises(CorruptShardError, match="index.json"):
+        PairShardReader(root)
+    (root / "index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        PairShardReader(root)
+
+
+def test_shard_of_another_version_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    root = tmp_path / "pairs"
+    write_dataset(root, count=2, per_shard=2)
+    index = json.loads((root / "index.json").read_text())
+    index["shards"][0].pop("bytes")
+    (root / "index.json").write_text(json.dumps(index))
+    save_file({"image": torch.zeros(1, dtype=torch.uint8)}, str(root / "shard-00000.safetensors"),
+              metadata={"format": "geolink-pairs/0"})
+    with pytest.raises(CorruptShardError, match="shard-00000.safetensors.*geolink-pairs/0"):
+        PairShardReader(root).shard(0)
+
+
+def test_missing_shard_and_url_writer_errors(tmp_path):
+    root = tmp_path / "pairs"
+    write_dataset(root, count=2, per_shard=1)
+    (root / "shard-00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001.safetensors"):
+        PairShardReader(root).shard(1)
+    with pytest.raises(ValueError, match="local"):
+        PairShardWriter("s3://bucket/pairs")
