@@ -65,7 +65,18 @@ class PretrainedTag:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+ASSETS_DIR = Path(__file__).parent / "assets"
+
 _PRETRAINED: dict[str, PretrainedTag] = {
+    "geolink_tiny.demo": PretrainedTag(
+        location=str(ASSETS_DIR / "geolink_tiny_demo"),
+        holds="GeoLinkFusionEncoder",
+        text_model="sentence-transformers/all-MiniLM-L6-v2",
+        text_dim=384,
+        origin="Pretrained with `geolink pretrain` on the five official GeoLink example tiles bundled with geolink "
+               "(augmented); shipped inside the package for the offline demo and tests. A demonstration, not a "
+               "useful remote-sensing model: see its model card.",
+    ),
     "geolink_vit_large_patch16_224.neurips2025": PretrainedTag(
         location="geolink/geolink_vit_large_patch16_224.neurips2025",
         origin="The official GeoLink NeurIPS 2025 multimodal release (ViT-L + OSM encoder), converted with "
