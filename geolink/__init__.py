@@ -1,42 +1,45 @@
 """geolink: the GeoLink remote-sensing foundation model (image + OpenStreetMap) as a model zoo.
 
-Public API::
+Public API (imported on first use, so ``import geolink`` and ``geolink --help`` stay fast)::
 
     import geolink
     model = geolink.create_model("geolink_vit_large_patch16_224", component="fusion")
     geolink.list_models(), geolink.list_pretrained()
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from geolink.models import (  # noqa: E402
-    GeoLinkForPretraining,
-    GeoLinkFusionEncoder,
-    GeoLinkImageEncoder,
-    GeoLinkOSMEncoder,
-)
-from geolink.registry import (  # noqa: E402
-    PretrainedTag,
-    create_model,
-    get_model_config,
-    get_pretrained_tag,
-    list_models,
-    list_pretrained,
-    load_model,
-    register_pretrained,
-)
+_EXPORTS = {
+    "GeoLinkForPretraining": "geolink.models",
+    "GeoLinkFusionEncoder": "geolink.models",
+    "GeoLinkImageEncoder": "geolink.models",
+    "GeoLinkOSMEncoder": "geolink.models",
+    "PretrainedTag": "geolink.registry",
+    "create_model": "geolink.registry",
+    "get_model_config": "geolink.registry",
+    "get_pretrained_tag": "geolink.registry",
+    "list_models": "geolink.registry",
+    "list_pretrained": "geolink.registry",
+    "load_model": "geolink.registry",
+    "register_pretrained": "geolink.registry",
+}
 
-__all__ = [
-    "GeoLinkForPretraining",
-    "GeoLinkFusionEncoder",
-    "GeoLinkImageEncoder",
-    "GeoLinkOSMEncoder",
-    "PretrainedTag",
-    "create_model",
-    "get_model_config",
-    "get_pretrained_tag",
-    "list_models",
-    "list_pretrained",
-    "load_model",
-    "register_pretrained",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geolink' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

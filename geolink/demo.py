@@ -59,7 +59,7 @@ def build_tile_graph(features, bbox):
                                                            materialize=False)
     if len(vocabulary) != known:
         raise ValueError(f"tags {vocabulary.strings[known:]} are not in the bundled embedding table")
-    return materialize_x(graph, table)
+    return materialize_x(graph, table, drop_compact=True)
 
 
 def fused_pca_image(fused: torch.Tensor, size: tuple[int, int]) -> Image.Image:

@@ -128,9 +128,7 @@ class _PairDecoder:
         else:
             image = torch.addcmul(self._shift, image.float(), self._scale)
         if "tags" in graph[NODE_TYPES[0]]:
-            materialize_x(graph, self.table())
-            for t in NODE_TYPES:
-                del graph[t].tags, graph[t].tag_weight  # ragged [N, K]; x carries them now (and Batch needs it)
+            materialize_x(graph, self.table(), drop_compact=True)  # x carries the tags now (and Batch needs it)
         graph.name = name
         return image.contiguous(), graph
 

@@ -321,8 +321,15 @@ def save_graph(graph: HeteroData, path: str | Path, **metadata: str) -> Path:
     return path
 
 
-def materialize_x(graph: HeteroData, table: torch.Tensor) -> HeteroData:
-    """Set ``g[t].x = sum_k tag_weight[:, k] * table[tags[:, k]]`` for each node type (in place; returns graph)."""
+def materialize_x(graph: HeteroData, table: torch.Tensor, drop_compact: bool = False) -> HeteroData:
+    """Set ``g[t].x = sum_k tag_weight[:, k] * table[tags[:, k]]`` for each node type (in place; returns graph).
+
+    Args:
+        graph: a graph in compact form (``tags``/``tag_weight``).
+        table: the ``[V, D]`` embedding table of its vocabulary.
+        drop_compact: remove ``tags``/``tag_weight`` afterwards (their width K differs between graphs, so graphs
+            must drop them before ``Batch.from_data_list``).
+    """
     for t in NODE_TYPES:
         store = graph[t]
         ids, weight = store.tags.long(), store.tag_weight.float()
@@ -331,6 +338,8 @@ def materialize_x(graph: HeteroData, table: torch.Tensor) -> HeteroData:
                              f"{table.shape[0]} rows: load the vocabulary the graph was written with")
         gathered = table[ids.clamp(min=0)] * (weight * (ids >= 0)).unsqueeze(-1)
         store.x = gathered.sum(1) if ids.shape[1] else torch.zeros(ids.shape[0], table.shape[1])
+        if drop_compact:
+            del store.tags, store.tag_weight
     return graph
 
 
