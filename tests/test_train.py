@@ -55,6 +55,19 @@ def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(ufz_pairs, tmp
     assert model.osm_encoder.text_dim == 512
 
 
+def test_pretrain_on_the_bundled_pairs_through_the_cli(tmp_path, capsys):
+    from geolink.cli import main as cli_main
+
+    out = tmp_path / "bundled"
+    assert cli_main(["pretrain", "--data", "bundled", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                     "--save-every", "1", "--seed", "1", "--precision", "bf16"]) == 0
+    assert f"final model: {out / 'final'}" in capsys.readouterr().out
+    records = read_metrics(out)
+    assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    model = GeoLinkForPretraining.from_pretrained(out / "final")
+    assert model.osm_encoder.text_dim == 384  # the bundled pairs carry MiniLM tag features
+
+
 def test_loss_decreases_over_30_steps(ufz_pairs, tmp_path):
     out = tmp_path / "run"
     main(arguments(ufz_pairs, out, 30, 3))
