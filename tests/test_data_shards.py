@@ -123,6 +123,21 @@ def test_graph_from_tensors_handles_materialised_graphs(minilm_encoder):
         assert torch.equal(decoded[t].x, graph[t].x) and torch.equal(decoded[t].pos, graph[t].pos)
 
 
+def test_features_from_the_table_equal_the_materialised_compact_form(dataset):
+    from geolink.graph.io import materialize_x
+
+    root, _ = dataset
+    reader = PairShardReader(root)
+    table = reader.table()
+    for k in range(len(reader.index["shards"])):
+        shard = reader.shard(k)
+        for j in range(len(shard.names)):
+            direct, compact = shard.graph(j, table), materialize_x(shard.graph(j), table)
+            for t in NODE_TYPES:
+                assert "tags" not in direct[t]
+                assert torch.allclose(direct[t].x, compact[t].x, atol=1e-6), (k, j, t)
+
+
 @pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_fsspec_urls_read_the_same_samples(dataset, scheme):
     fsspec = pytest.importorskip("fsspec")

@@ -180,7 +180,7 @@ class PairShards(Dataset):
         k, j = self.reader.locate(index)
         shard = self.reader.shard(k)
         seed = None if self._decoder.seed is None else _sample_seed(self._decoder.seed, index % len(self), draw)
-        return self._decoder.decode(shard.image_bytes(j), shard.graph(j), shard.names[j], seed)
+        return self._decoder.decode(shard.image_bytes(j), shard.graph(j, self._decoder.table()), shard.names[j], seed)
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -268,7 +268,7 @@ class StreamingPairShards(IterableDataset):
 
         def emit(item: tuple[int, bytes, dict, str, str]) -> tuple[torch.Tensor, HeteroData]:
             index, data, tensors, crs, name = item
-            return self._decoder.decode(data, graph_from_tensors(tensors, crs), name,
+            return self._decoder.decode(data, graph_from_tensors(tensors, crs, self._decoder.table()), name,
                                         _sample_seed(self.seed, index, self.epoch))
 
         for item in self._compact(slot, slots):

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch_geometric.data import HeteroData
 
 from geolink.graph.io import _REVERSE, graph_tensors
@@ -166,13 +167,18 @@ class Shard:
         """Sample ``j``'s flat graph tensors (:meth:`graph_arrays` as torch tensors)."""
         return {k: torch.from_numpy(v) for k, v in self.graph_arrays(j).items()}
 
-    def graph(self, j: int) -> HeteroData:
-        """Sample ``j``'s graph in the compact contract form (``tags``/``tag_weight``, or ``x`` when stored so)."""
-        return graph_from_tensors(self.graph_arrays(j), self.crs[j])
+    def graph(self, j: int, table: torch.Tensor | None = None) -> HeteroData:
+        """Sample ``j``'s graph: the compact contract form (``tags``/``tag_weight``, or ``x`` when stored so), or
+        with ``x`` computed from ``table``."""
+        return graph_from_tensors(self.graph_arrays(j), self.crs[j], table)
 
 
-def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: str) -> HeteroData:
+def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: str,
+                       table: torch.Tensor | None = None) -> HeteroData:
     """Rebuild a graph from the (flattened) tensors of :func:`geolink.graph.io.graph_tensors`.
+
+    With ``table`` (the dataset's ``[V, D]`` embedding table) the stored tags become ``x`` directly (one
+    ``embedding_bag`` per node type on the stored CSR form) instead of the padded compact form.
 
     The inverse used by :func:`geolink.graph.io.load_graph`, for tensors that come from a shard instead of a file:
     ``pos`` → ``[N, A, 2]``; ``tag_ids``/``tag_count``/``tag_weight`` → ``tags`` int64 ``[N, K]`` (-1 padded) and
@@ -187,7 +193,12 @@ def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: st
         n = pos.shape[0]
         store = graph[t]
         store.pos = torch.from_numpy(pos)
-        if f"{t}.tag_ids" in arrays:
+        if f"{t}.tag_ids" in arrays and table is not None:
+            count = torch.from_numpy(arrays[f"{t}.tag_count"].astype(np.int64))
+            ids = torch.from_numpy(arrays[f"{t}.tag_ids"].astype(np.int64))
+            store.x = F.embedding_bag(ids, table, torch.cumsum(count, 0) - count, mode="sum",
+                                      per_sample_weights=torch.from_numpy(arrays[f"{t}.tag_weight"]))
+        elif f"{t}.tag_ids" in arrays:
             count = arrays[f"{t}.tag_count"].astype(np.int64)
             width = int(count.max()) if n else 0
             rows = np.repeat(np.arange(n), count)
