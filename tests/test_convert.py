@@ -24,8 +24,8 @@ class CodeOnLoad:
 
 @pytest.fixture
 def official_state(parity_dir):
-    checkpoint = torch.load(parity_dir / "geolink_multimodal_official_format.pth", map_location="cpu",
-                            weights_only=True)
+    path = parity_dir / "geolink_multimodal_official_format.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return checkpoint["model_config"], checkpoint["model_state_dict"]
 
 

@@ -188,8 +188,8 @@ def official_layout(architecture: str, decoder_dim: int = 512, text_dim: int = 5
 
 
 def test_official_layout_description_matches_the_real_file(parity_dir):
-    checkpoint = torch.load(parity_dir / "geolink_multimodal_official_format.pth", map_location="cpu",
-                            weights_only=True)
+    path = parity_dir / "geolink_multimodal_official_format.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     real = {k: v.shape for k, v in checkpoint["model_state_dict"].items()}
     assert official_layout("vit_tiny_patch16_224", decoder_dim=128) == real
 
