@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch_geometric.data import HeteroData
 
-from geolink.graph.io import _REVERSE, graph_tensors
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
+from geolink.graph.io import graph_from_tensors, graph_tensors
+from geolink.graph.schema import NODE_TYPES
 from geolink.graph.tags import TagVocabulary
 
 FORMAT = "geolink-pairs/1"
@@ -171,73 +170,6 @@ class Shard:
         """Sample ``j``'s graph: the compact contract form (``tags``/``tag_weight``, or ``x`` when stored so), or
         with ``x`` computed from ``table``."""
         return graph_from_tensors(self.graph_arrays(j), self.crs[j], table)
-
-
-def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: str,
-                       table: torch.Tensor | None = None) -> HeteroData:
-    """Rebuild a graph from the (flattened) tensors of :func:`geolink.graph.io.graph_tensors`.
-
-    With ``table`` (the dataset's ``[V, D]`` embedding table) the stored tags become ``x`` directly (one
-    ``embedding_bag`` per node type on the stored CSR form) instead of the padded compact form.
-
-    The inverse used by :func:`geolink.graph.io.load_graph`, for tensors that come from a shard instead of a file:
-    ``pos`` → ``[N, A, 2]``; ``tag_ids``/``tag_count``/``tag_weight`` → ``tags`` int64 ``[N, K]`` (-1 padded) and
-    ``tag_weight`` float32 ``[N, K]``; relation codes → one-hot ``edge_attr``; omitted transposed edge types are
-    rebuilt from their reverse. Same output as ``load_graph`` (``tests/test_data_shards.py`` checks it), in numpy
-    because these tensors are tiny and per-op overhead dominates.
-    """
-    arrays = {k: v.numpy() if torch.is_tensor(v) else v for k, v in tensors.items()}
-    graph = HeteroData()
-    for t in NODE_TYPES:
-        pos = arrays[f"{t}.pos"].reshape(-1, NUM_ANCHORS[t], 2)
-        n = pos.shape[0]
-        store = graph[t]
-        store.pos = torch.from_numpy(pos)
-        if f"{t}.tag_ids" in arrays and table is not None:
-            count = torch.from_numpy(arrays[f"{t}.tag_count"].astype(np.int64))
-            ids = torch.from_numpy(arrays[f"{t}.tag_ids"].astype(np.int64))
-            store.x = F.embedding_bag(ids, table, torch.cumsum(count, 0) - count, mode="sum",
-                                      per_sample_weights=torch.from_numpy(arrays[f"{t}.tag_weight"]))
-        elif f"{t}.tag_ids" in arrays:
-            count = arrays[f"{t}.tag_count"].astype(np.int64)
-            width = int(count.max()) if n else 0
-            rows = np.repeat(np.arange(n), count)
-            slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
-            ids = np.full((n, width), -1, dtype=np.int64)
-            weight = np.zeros((n, width), dtype=np.float32)
-            ids[rows, slot] = arrays[f"{t}.tag_ids"]
-            weight[rows, slot] = arrays[f"{t}.tag_weight"]
-            store.tags, store.tag_weight = torch.from_numpy(ids), torch.from_numpy(weight)
-        else:
-            store.x = torch.from_numpy(arrays[f"{t}.x"].astype(np.float32).reshape(n, -1))
-        store.num_nodes = n
-    for edge_type in EDGE_TYPES:
-        name = edge_type_name(edge_type)
-        if f"{name}.edge_index" in arrays:
-            edge_index = arrays[f"{name}.edge_index"].astype(np.int64).reshape(2, -1)
-            relation = arrays[f"{name}.relation"].astype(np.int64)
-        else:
-            # the transpose of the reverse type, sorted by (src, dst): io._sorted_transpose in numpy
-            reverse = edge_type_name(_REVERSE[edge_type])
-            flipped = arrays[f"{reverse}.edge_index"].astype(np.int64).reshape(2, -1)[::-1]
-            order = np.lexsort((flipped[1], flipped[0]))
-            edge_index = np.ascontiguousarray(flipped[:, order])
-            relation = arrays[f"{reverse}.relation"].astype(np.int64)[order]
-        store = graph[edge_type]
-        store.edge_index = torch.from_numpy(edge_index)
-        store.edge_attr = torch.from_numpy(_eye(len(RELATIONS[edge_type]))[relation])
-    graph.bbox = torch.from_numpy(arrays["bbox"].astype(np.float64).reshape(1, 4))
-    graph.crs = crs
-    return graph
-
-
-_EYES: dict[int, np.ndarray] = {}
-
-
-def _eye(k: int) -> np.ndarray:
-    if k not in _EYES:
-        _EYES[k] = np.eye(k, dtype=np.float32)
-    return _EYES[k]
 
 
 def encode_shard(samples: Sequence[tuple[str, bytes, HeteroData]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import shapely
 import torch
+import torch.nn.functional as F
 from torch_geometric.data import HeteroData
 
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
@@ -245,8 +246,9 @@ def osm_tag_dict_to_label(tags: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------- stored graphs
 
 
-_REVERSE = {("polygon", "to", "line"): ("line", "to", "polygon"), ("line", "to", "point"): ("point", "to", "line"),
-            ("polygon", "to", "point"): ("point", "to", "polygon")}
+REVERSE_EDGE_TYPE = {("polygon", "to", "line"): ("line", "to", "polygon"),
+                     ("line", "to", "point"): ("point", "to", "line"),
+                     ("polygon", "to", "point"): ("point", "to", "polygon")}
 """Edge types stored as the transpose of another (same relation codes, see DESIGN §3) when they are exactly that."""
 
 
@@ -288,7 +290,7 @@ def graph_tensors(graph: HeteroData) -> dict[str, torch.Tensor]:
     for edge_type in EDGE_TYPES:
         store = graph[edge_type]
         relation = _relation_codes(store.edge_attr)
-        reverse = _REVERSE.get(edge_type)
+        reverse = REVERSE_EDGE_TYPE.get(edge_type)
         if reverse is not None:
             flipped, flipped_rel = _sorted_transpose(graph[reverse].edge_index.cpu(),
                                                      _relation_codes(graph[reverse].edge_attr))
@@ -357,39 +359,76 @@ def load_graph(path: str | Path, table: torch.Tensor | None = None) -> HeteroDat
         if metadata.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a geolink graph file (format {metadata.get('format')!r})")
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    graph = HeteroData()
-    for t in NODE_TYPES:
-        pos = tensors[f"{t}.pos"].reshape(-1, NUM_ANCHORS[t], 2)
-        graph[t].pos = pos
-        if f"{t}.tag_ids" in tensors:
-            count = tensors[f"{t}.tag_count"].long()
-            n, width = pos.shape[0], int(count.max()) if count.numel() else 0
-            rows = torch.repeat_interleave(torch.arange(n), count)
-            slot = torch.arange(rows.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
-            ids = torch.full((n, width), -1, dtype=torch.long)
-            weight = torch.zeros(n, width)
-            ids[rows, slot] = tensors[f"{t}.tag_ids"].long()
-            weight[rows, slot] = tensors[f"{t}.tag_weight"]
-            graph[t].tags, graph[t].tag_weight = ids, weight
-        else:
-            graph[t].x = tensors[f"{t}.x"]
-        graph[t].num_nodes = pos.shape[0]
-    for edge_type in EDGE_TYPES:
-        name = edge_type_name(edge_type)
-        if f"{name}.edge_index" in tensors:
-            edge_index = tensors[f"{name}.edge_index"].long().reshape(2, -1)
-            relation = tensors[f"{name}.relation"].long()
-        else:
-            reverse = edge_type_name(_REVERSE[edge_type])
-            edge_index, relation = _sorted_transpose(tensors[f"{reverse}.edge_index"].long().reshape(2, -1),
-                                                     tensors[f"{reverse}.relation"].long())
-        graph[edge_type].edge_index = edge_index.contiguous()
-        graph[edge_type].edge_attr = torch.nn.functional.one_hot(relation, len(RELATIONS[edge_type])).float()
-    graph.bbox = tensors["bbox"]
-    graph.crs = metadata.get("crs", "EPSG:4326")
+    graph = graph_from_tensors(tensors, metadata.get("crs", "EPSG:4326"))
     if table is not None and f"{NODE_TYPES[0]}.tag_ids" in tensors:
         materialize_x(graph, table)
     return graph
+
+
+def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: str,
+                       table: torch.Tensor | None = None) -> HeteroData:
+    """Rebuild a graph from the (flattened) tensors of :func:`geolink.graph.io.graph_tensors`.
+
+    With ``table`` (the dataset's ``[V, D]`` embedding table) the stored tags become ``x`` directly (one
+    ``embedding_bag`` per node type on the stored CSR form) instead of the padded compact form.
+
+    The one decoder of the stored graph format, for tile files (:func:`load_graph`) and pair shards alike:
+    ``pos`` → ``[N, A, 2]``; ``tag_ids``/``tag_count``/``tag_weight`` → ``tags`` int64 ``[N, K]`` (-1 padded) and
+    ``tag_weight`` float32 ``[N, K]``; relation codes → one-hot ``edge_attr``; omitted transposed edge types are
+    rebuilt from their reverse. In numpy because these tensors are tiny and per-op overhead dominates.
+    """
+    arrays = {k: v.numpy() if torch.is_tensor(v) else v for k, v in tensors.items()}
+    graph = HeteroData()
+    for t in NODE_TYPES:
+        pos = arrays[f"{t}.pos"].reshape(-1, NUM_ANCHORS[t], 2)
+        n = pos.shape[0]
+        store = graph[t]
+        store.pos = torch.from_numpy(pos)
+        if f"{t}.tag_ids" in arrays and table is not None:
+            count = torch.from_numpy(arrays[f"{t}.tag_count"].astype(np.int64))
+            ids = torch.from_numpy(arrays[f"{t}.tag_ids"].astype(np.int64))
+            store.x = F.embedding_bag(ids, table, torch.cumsum(count, 0) - count, mode="sum",
+                                      per_sample_weights=torch.from_numpy(arrays[f"{t}.tag_weight"]))
+        elif f"{t}.tag_ids" in arrays:
+            count = arrays[f"{t}.tag_count"].astype(np.int64)
+            width = int(count.max()) if n else 0
+            rows = np.repeat(np.arange(n), count)
+            slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+            ids = np.full((n, width), -1, dtype=np.int64)
+            weight = np.zeros((n, width), dtype=np.float32)
+            ids[rows, slot] = arrays[f"{t}.tag_ids"]
+            weight[rows, slot] = arrays[f"{t}.tag_weight"]
+            store.tags, store.tag_weight = torch.from_numpy(ids), torch.from_numpy(weight)
+        else:
+            store.x = torch.from_numpy(arrays[f"{t}.x"].astype(np.float32).reshape(n, -1))
+        store.num_nodes = n
+    for edge_type in EDGE_TYPES:
+        name = edge_type_name(edge_type)
+        if f"{name}.edge_index" in arrays:
+            edge_index = arrays[f"{name}.edge_index"].astype(np.int64).reshape(2, -1)
+            relation = arrays[f"{name}.relation"].astype(np.int64)
+        else:
+            # the transpose of the reverse type, sorted by (src, dst), as _sorted_transpose writes it
+            reverse = edge_type_name(REVERSE_EDGE_TYPE[edge_type])
+            flipped = arrays[f"{reverse}.edge_index"].astype(np.int64).reshape(2, -1)[::-1]
+            order = np.lexsort((flipped[1], flipped[0]))
+            edge_index = np.ascontiguousarray(flipped[:, order])
+            relation = arrays[f"{reverse}.relation"].astype(np.int64)[order]
+        store = graph[edge_type]
+        store.edge_index = torch.from_numpy(edge_index)
+        store.edge_attr = torch.from_numpy(_eye(len(RELATIONS[edge_type]))[relation])
+    graph.bbox = torch.from_numpy(arrays["bbox"].astype(np.float64).reshape(1, 4))
+    graph.crs = crs
+    return graph
+
+
+_EYES: dict[int, np.ndarray] = {}
+
+
+def _eye(k: int) -> np.ndarray:
+    if k not in _EYES:
+        _EYES[k] = np.eye(k, dtype=np.float32)
+    return _EYES[k]
 
 
 def save_vocabulary(folder: str | Path, vocabulary: TagVocabulary, name: str = "vocab",
