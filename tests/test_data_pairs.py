@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import geolink
-from geolink.data.dataset import PairShards, StreamingPairShards, collate_pairs
+from geolink.data.pairs import PairShards, StreamingPairShards, collate_pairs
 from geolink.graph.schema import NODE_TYPES, validate_graph
 from tests.data_helpers import HashEncoder, write_dataset
 
@@ -126,13 +126,22 @@ def test_bundled_pairs_are_shipped_and_model_ready():
         image, graph = dataset[k]
         assert image.shape == (3, 224, 224)
         validate_graph(graph, feature_dim=384)
-    from fnmatch import fnmatch  # pyproject package-data ships assets/**/* : every file matches it
 
-    assert all(fnmatch(str(p.relative_to(BUNDLED.parents[1])), "assets/*/*") for p in BUNDLED.iterdir())
+
+def test_bundled_pairs_are_declared_package_data():
+    """Every bundled file matches a package-data pattern of pyproject.toml, so wheels ship it."""
+    tomllib = pytest.importorskip("tomllib")
+    package = BUNDLED.parents[1]
+    patterns = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {path for pattern in patterns["geolink"] for path in package.glob(pattern) if path.is_file()}
+    bundled = {path for path in BUNDLED.iterdir() if path.is_file()}
+    assert {p.name for p in bundled} == {"README.md", "index.json", "shard-00000.safetensors", "vocab.json",
+                                         "vocab.safetensors"}
+    assert bundled <= shipped
 
 
 def test_trainer_open_dataset_detects_the_layout(pairs, shared):
-    from geolink.data.dataset import OfficialPairFolder
+    from geolink.data.folders import OfficialPairFolder
     from geolink.train.trainer import open_dataset
 
     bundled = open_dataset("bundled")
@@ -169,9 +178,10 @@ def test_make_pairs_cli_on_the_official_tiles_and_append(shared, minilm_path, tm
 def test_make_pairs_from_image_folder_footprints_and_vector(shared, tmp_path):
     import shutil
 
-    from geolink.data.shards import make_pairs
+    from geolink.data.shards import MakePairsConfig, make_pairs
+    from geolink.errors import ConfigError
     from geolink.graph.build import OSMGraphBuilder
-    from geolink.graph.io import read_geojson
+    from geolink.graph.readers import read_geojson
     from geolink.graph.tags import TagVocabulary
 
     tiles = shared("official_examples", "osm_tiles")
@@ -182,8 +192,9 @@ def test_make_pairs_from_image_folder_footprints_and_vector(shared, tmp_path):
         footprints[name] = json.loads((tiles / name / "meta.json").read_text())["bbox_west_south_east_north"]
     (tmp_path / "footprints.json").write_text(json.dumps(footprints))
     vector = tiles / "a702502933_US_21" / "a702502933_US_21_polygon.geojson"  # polygons of the first tile only
-    summary = make_pairs(tmp_path / "pairs", images=images, footprints=tmp_path / "footprints.json", vector=vector,
-                         tag_encoder=HashEncoder(), progress=False)
+    config = MakePairsConfig(out=tmp_path / "pairs", text_model="hash-encoder", images=images,
+                             footprints=tmp_path / "footprints.json", vector=vector, quiet=True)
+    summary = make_pairs(config, tag_encoder=HashEncoder())
     assert summary["added"] == 2
     dataset = PairShards(tmp_path / "pairs", transform=None)
     (_, first), (_, second) = dataset[0], dataset[1]
@@ -191,6 +202,35 @@ def test_make_pairs_from_image_folder_footprints_and_vector(shared, tmp_path):
                                          vocabulary=TagVocabulary(), materialize=False)
     assert torch.equal(first["polygon"].pos, direct["polygon"].pos) and first["line"].num_nodes == 0
     assert second["polygon"].num_nodes + second["line"].num_nodes + second["point"].num_nodes == 0
-    with pytest.raises(ValueError, match="OSM source"):
-        make_pairs(tmp_path / "other", images=images, footprints=tmp_path / "footprints.json",
-                   tag_encoder=HashEncoder(), progress=False)
+    assert make_pairs(config, tag_encoder=HashEncoder())["skipped"] == 2  # rerun: both already stored
+    with pytest.raises(ConfigError, match="images needs an OSM source: pass pbf .* or vector"):
+        MakePairsConfig(out=tmp_path / "other", text_model="m", images=images, footprints=tmp_path / "footprints.json")
+
+
+def test_make_pairs_config_validation(tmp_path):
+    from geolink.data.shards import MakePairsConfig, make_pairs
+    from geolink.errors import ConfigError, MissingInputError
+
+    with pytest.raises(ConfigError, match="exactly one input: official_tiles .* or images"):
+        MakePairsConfig(out=tmp_path, text_model="m")
+    with pytest.raises(ConfigError, match="exactly one input"):
+        MakePairsConfig(out=tmp_path, text_model="m", official_tiles=tmp_path, images=tmp_path, pbf=tmp_path)
+    with pytest.raises(ConfigError, match="at most one OSM source: pbf or vector"):
+        MakePairsConfig(out=tmp_path, text_model="m", images=tmp_path, pbf=tmp_path / "a.pbf", vector=tmp_path)
+    with pytest.raises(ConfigError, match="footprints only go with images"):
+        MakePairsConfig(out=tmp_path, text_model="m", official_tiles=tmp_path, footprints=tmp_path / "f.json")
+    with pytest.raises(ConfigError, match="samples_per_shard"):
+        MakePairsConfig(out=tmp_path, text_model="m", official_tiles=tmp_path, samples_per_shard=0)
+    with pytest.raises(ConfigError, match="pooling"):
+        MakePairsConfig(out=tmp_path, text_model="m", official_tiles=tmp_path, pooling="max")
+    with pytest.raises(MissingInputError, match="official_tiles .*nowhere"):
+        make_pairs(MakePairsConfig(out=tmp_path / "pairs", text_model="m", official_tiles=tmp_path / "nowhere"),
+                   tag_encoder=HashEncoder())
+    (tmp_path / "images").mkdir()
+    with pytest.raises(MissingInputError, match="vector .*a.geojson not found"):  # before the text model loads
+        make_pairs(MakePairsConfig(out=tmp_path / "pairs", text_model="m", images=tmp_path / "images",
+                                   vector=tmp_path / "a.geojson"))
+    (tmp_path / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(MissingInputError, match="images .*no .jpg"):
+        make_pairs(MakePairsConfig(out=tmp_path / "pairs", text_model="m", images=tmp_path / "images",
+                                   vector=tmp_path / "a.geojson"), tag_encoder=HashEncoder())

@@ -12,7 +12,7 @@ import pytest
 import shapely
 
 from geolink.graph.build import OSMGraphBuilder, polygon_anchors
-from geolink.graph.io import read_geojson, read_osm
+from geolink.graph.readers import read_geojson, read_osm
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, RELATIONS, validate_graph
 from geolink.graph.tags import load_key_frequency
 from geolink.graph.tiles import RegionIndex, grid_tiles

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from geolink.errors import InputError, MissingWeightsError
 from geolink.graph.text import TagEncoder
 
 STRINGS = ["building:building", "roof shape:gabled", "highway:residential", "addr street:Pohjoisesplanadi",
@@ -47,9 +48,9 @@ def test_each_unique_string_embedded_once(minilm_path, tmp_path):
 
 
 def test_bad_arguments(minilm_path, tmp_path):
-    with pytest.raises(ValueError, match="pooling"):
+    with pytest.raises(InputError, match="pooling"):
         TagEncoder(minilm_path, pooling="max")
-    with pytest.raises(OSError, match="local Hugging Face model folder"):
+    with pytest.raises(MissingWeightsError, match="local Hugging Face model folder"):
         TagEncoder(tmp_path)
 
 

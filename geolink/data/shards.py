@@ -1,6 +1,7 @@
-"""Sharded, append-only, streamable storage of image–OSM pairs (``geolink make-pairs`` writes it).
+"""Sharded, append-only, streamable storage of image–OSM pairs, and the ``geolink make-pairs`` job that writes it.
 
-Owns the on-disk dataset format and its reader/writer. A dataset is a folder (local, or any fsspec URL for
+Owns the on-disk dataset format, its reader/writer, and building a dataset from image tiles and OSM data
+(:class:`MakePairsConfig` → :func:`make_pairs`). A dataset is a folder (local, or any fsspec URL for
 reading)::
 
     index.json                format version, shard list (file, sample count, names, bytes), image formats,
@@ -14,7 +15,7 @@ samples:
 
 * ``image`` uint8 ``[total bytes]``: the image files exactly as stored (JPEG / PNG / GeoTIFF bytes), concatenated;
   ``image.offsets`` int64 ``[n + 1]``.
-* for every key ``k`` of :func:`geolink.graph.io.graph_tensors` (the compact per-tile graph: anchors, tag ids,
+* for every key ``k`` of :func:`geolink.graph.storage.graph_tensors` (the compact per-tile graph: anchors, tag ids,
   tag counts, tag weights, edges as relation codes, bbox): ``graph.<k>`` the flattened per-sample tensors
   concatenated (one dtype per key, the widest the samples used), ``graph.<k>.offsets`` int64 ``[n + 1]`` and
   ``graph.<k>.present`` uint8 ``[n]`` (``graph_tensors`` omits transposed edge types per graph).
@@ -33,8 +34,8 @@ import json
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,15 @@ import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
-from geolink.graph.io import graph_from_tensors, graph_tensors
+from geolink.errors import ConfigError, DataError, InputError, MissingInputError
+from geolink.graph.build import OSMGraphBuilder
+from geolink.graph.readers import read_geojson, reproject_bbox, require_file
 from geolink.graph.schema import NODE_TYPES
+from geolink.graph.storage import graph_from_tensors, graph_tensors, save_vocabulary
 from geolink.graph.tags import TagVocabulary
+from geolink.graph.text import POOLINGS
+from geolink.graph.tiles import Tile, footprint_tiles, iter_tile_features, read_region
+from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "geolink-pairs/1"
 """Format version written into ``index.json`` and every shard; readers refuse other versions."""
@@ -59,7 +66,7 @@ _DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64
 _MAX_HEADER = 100 * 2**20
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(DataError):
     """A shard, index or vocabulary file is unreadable, truncated or of another format version (names the file)."""
 
 
@@ -67,12 +74,12 @@ def image_format(data: bytes) -> str:
     """``"jpeg"``, ``"png"`` or ``"tiff"`` from an image file's magic bytes.
 
     Raises:
-        ValueError: the bytes are none of these formats.
+        InputError: the bytes are none of these formats.
     """
     for magic, name in IMAGE_FORMATS.items():
         if data[:len(magic)] == magic:
             return name
-    raise ValueError(f"image bytes start with {data[:8]!r}: not a JPEG, PNG or (Geo)TIFF file")
+    raise InputError(f"image bytes start with {data[:8]!r}: not a JPEG, PNG or (Geo)TIFF file")
 
 
 def _is_url(root: str | Path) -> bool:
@@ -151,7 +158,7 @@ class Shard:
         return memoryview(self.arrays["image"][int(offsets[j]):int(offsets[j + 1])])
 
     def graph_arrays(self, j: int) -> dict[str, np.ndarray]:
-        """Sample ``j``'s flat graph arrays (the :func:`geolink.graph.io.graph_tensors` keys, flattened; small
+        """Sample ``j``'s flat graph arrays (the :func:`geolink.graph.storage.graph_tensors` keys, flattened; small
         writable copies, independent of the memory map)."""
         out = {}
         arrays = self.arrays
@@ -240,7 +247,7 @@ class PairShardReader:
             with open(path, "rb") as handle:
                 return handle.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"{self._display(name)} not found") from None
+            raise MissingInputError(f"{self._display(name)} not found") from None
 
     def _display(self, name: str) -> str:
         return _join(self.root, name) if self._fs is not None else str(Path(self.root) / name)
@@ -250,8 +257,8 @@ class PairShardReader:
         try:
             raw = self._read_bytes(INDEX_FILE)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{name} not found: {self.root} is not a geolink pair dataset (build one with "
-                                    "`geolink make-pairs --out ...`)") from None
+            raise MissingInputError(f"{name} not found: {self.root} is not a geolink pair dataset (build one with "
+                                    "make_pairs / geolink make-pairs)") from None
         try:
             index = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -289,7 +296,7 @@ class PairShardReader:
         if self._fs is None:
             path = self._path(entry["file"])
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"shard {name} listed in {INDEX_FILE} is missing")
+                raise MissingInputError(f"shard {name} listed in {INDEX_FILE} is missing")
             size = os.path.getsize(path)
             if "bytes" in entry and size != int(entry["bytes"]):
                 raise CorruptShardError(f"shard {name} has {size} bytes, {INDEX_FILE} says {entry['bytes']}: the file "
@@ -320,8 +327,8 @@ class PairShardReader:
             try:
                 raw = self._read_bytes(name)
             except FileNotFoundError:
-                raise FileNotFoundError(f"{self._display(name)} not found: the dataset was built without a text "
-                                        "model; rebuild it with --text-model, or pass tag_encoder= to embed the "
+                raise MissingInputError(f"{self._display(name)} not found: the dataset was built without a text "
+                                        "model; rebuild it with a text_model, or pass tag_encoder= to embed the "
                                         "vocabulary now") from None
             try:
                 self._table = load(raw)["embeddings"]
@@ -338,22 +345,6 @@ class PairShardReader:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()
         return state
-
-
-def open_index(root: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The parsed ``index.json`` of a dataset (raises naming the file when missing or of another version)."""
-    return PairShardReader(root, storage_options).index
-
-
-def is_pair_dataset(root: str | Path) -> bool:
-    """Whether a local folder is a pair dataset (has ``index.json`` with this format's name)."""
-    path = Path(root) / INDEX_FILE
-    if not path.is_file():
-        return False
-    try:
-        return str(json.loads(path.read_text(encoding="utf-8")).get("format", "")).startswith("geolink-pairs/")
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -393,7 +384,7 @@ class PairShardWriter:
     def __init__(self, root: str | Path, tag_encoder: Any = None, samples_per_shard: int = 1024,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         if _is_url(root):
-            raise ValueError(f"PairShardWriter writes local folders; build {root} locally and upload the folder")
+            raise InputError(f"PairShardWriter writes local folders; build {root} locally and upload the folder")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tag_encoder = tag_encoder
@@ -404,18 +395,16 @@ class PairShardWriter:
             old = self.index.get("text_model") or {}
             for key in ("model_id", "dim", "pooling"):
                 if info and old and key in old and str(old[key]) != str(info.get(key)):
-                    raise ValueError(f"{self.root / INDEX_FILE} was built with text model {old}, appending with "
-                                     f"{info}: tag embeddings would not match; use the same --text-model")
+                    raise ConfigError(f"{self.root / INDEX_FILE} was built with text model {old}, appending with "
+                                      f"{info}: tag embeddings would not match; use the same text_model")
             mismatch = (mean is not None and list(mean) != self.index["mean"]) or (
                 std is not None and list(std) != self.index["std"])
             if mismatch:
-                raise ValueError(f"{self.root / INDEX_FILE} records mean/std {self.index['mean']}/{self.index['std']}; "
-                                 "appending with different values would mix normalisations")
+                raise ConfigError(f"{self.root / INDEX_FILE} records mean/std {self.index['mean']}/"
+                                  f"{self.index['std']}; appending with different values would mix normalisations")
             vocab_path = self.root / f"{self.index.get('vocabulary', VOCAB_NAME)}.json"
             self.vocabulary = TagVocabulary.load(vocab_path) if vocab_path.is_file() else TagVocabulary()
         else:
-            from geolink.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-
             self.index = {"format": FORMAT, "samples": 0, "image_formats": [], "text_model": info or None,
                           "text_dim": info.get("dim"), "vocabulary": VOCAB_NAME,
                           "mean": list(mean or IMAGENET_MEAN), "std": list(std or IMAGENET_STD), "shards": []}
@@ -442,13 +431,13 @@ class PairShardWriter:
             graph: the tile graph in compact form with tag ids into :attr:`vocabulary` (or with ``x``).
         """
         if name in self.names:
-            raise ValueError(f"sample {name!r} is already in {self.root}; names must be unique")
+            raise InputError(f"sample {name!r} is already in {self.root}; names must be unique")
         data = Path(image).read_bytes() if isinstance(image, str | Path) else bytes(image)
         image_format(data[:8])
         for t in NODE_TYPES:
             tags = graph[t].get("tags") if t in graph.node_types else None
             if tags is not None and tags.numel() and int(tags.max()) >= len(self.vocabulary):
-                raise ValueError(f"graph {name!r} refers to tag id {int(tags.max())} but the dataset vocabulary has "
+                raise InputError(f"graph {name!r} refers to tag id {int(tags.max())} but the dataset vocabulary has "
                                  f"{len(self.vocabulary)} strings: build it with vocabulary=writer.vocabulary")
         self.names.add(name)
         self._pending.append(_Pending(name, data, graph))
@@ -458,8 +447,6 @@ class PairShardWriter:
     def commit(self) -> None:
         """Write the queued pairs as new shard(s), then the vocabulary, table and index (atomically)."""
         from safetensors.torch import save_file
-
-        from geolink.graph.io import save_vocabulary
 
         new_entries = []
         for start in range(0, len(self._pending), self.samples_per_shard):
@@ -514,27 +501,6 @@ class PairShardWriter:
             self.close()
 
 
-def write_pairs(root: str | Path, pairs: Iterable[tuple[str, bytes | str | Path, HeteroData]],
-                vocabulary_strings: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Write (or append) ``(name, image, graph)`` pairs with a :class:`PairShardWriter`; returns the index.
-
-    Args:
-        root: the dataset folder.
-        pairs: the pairs; compact graphs must use ids into the writer's vocabulary, so pass
-            ``vocabulary_strings`` (the vocabulary the graphs were built with) for a new dataset.
-        vocabulary_strings: the strings behind the graphs' tag ids, in id order.
-        kwargs: :class:`PairShardWriter` arguments.
-    """
-    writer = PairShardWriter(root, **kwargs)
-    if vocabulary_strings is not None:
-        if len(writer.vocabulary) and list(vocabulary_strings[:len(writer.vocabulary)]) != writer.vocabulary.strings:
-            raise ValueError(f"{root} already has a different vocabulary; build the graphs with writer.vocabulary")
-        writer.vocabulary.add(vocabulary_strings)
-    for name, image, graph in pairs:
-        writer.add(name, image, graph)
-    return writer.close()
-
-
 def shard_sizes(root: str | Path) -> dict[str, float]:
     """Bytes per sample of a local dataset: ``{"samples", "image_bytes", "graph_bytes", "file_bytes"}`` (means)."""
     index = PairShardReader(root).index
@@ -587,19 +553,18 @@ def official_tiles(folder: str | Path) -> list[tuple[str, Path, list[tuple[Any, 
     as ``(name, image path, features in polygon/line/point file order, bbox, tile crs, feature crs)`` per tile.
 
     Raises:
-        FileNotFoundError: a tile folder lacks its image or ``meta.json`` (the message names it).
+        MissingInputError: the folder does not exist or holds no tile folder, or a tile folder lacks its image or
+            ``meta.json`` (the message names it).
     """
-    from geolink.graph.io import read_geojson
-
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--official-tiles {folder}: no such folder")
+        raise MissingInputError(f"official_tiles {folder}: no such folder")
     tiles = []
     for tile in sorted(p for p in folder.iterdir() if p.is_dir()):
         meta_path = tile / "meta.json"
         images = [tile / f"{tile.name}{s}" for s in IMAGE_SUFFIXES if (tile / f"{tile.name}{s}").is_file()]
         if not meta_path.is_file() or not images:
-            raise FileNotFoundError(f"{tile} is not an official example tile: it needs meta.json and "
+            raise MissingInputError(f"{tile} is not an official example tile: it needs meta.json and "
                                     f"{tile.name}.jpg (or .png/.tif)")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         features: list[tuple[Any, Any]] = []
@@ -613,87 +578,133 @@ def official_tiles(folder: str | Path) -> list[tuple[str, Path, list[tuple[Any, 
         tiles.append((tile.name, images[0], features, tuple(meta["bbox_west_south_east_north"]), tile_crs,
                       feature_crs or tile_crs))
     if not tiles:
-        raise FileNotFoundError(f"--official-tiles {folder} holds no tile folders")
+        raise MissingInputError(f"official_tiles {folder} holds no tile folders")
     return tiles
 
 
-def _image_tiles(images: str | Path, footprints: str | Path | None, crs: str) -> list[tuple[Any, Path]]:
-    from geolink.graph.tiles import Tile, footprint_tiles
-
-    folder = Path(images)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+def _image_tiles(images: Path, footprints: Path | None, crs: str) -> list[tuple[Tile, Path]]:
+    paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
     if not paths:
-        raise FileNotFoundError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files found")
+        raise MissingInputError(f"images {images}: no {'/'.join(IMAGE_SUFFIXES)} files found")
     if footprints is None:
-        return list(zip(footprint_tiles(paths), paths))  # GeoTIFF bounds + CRS
-    table = json.loads(Path(footprints).read_text(encoding="utf-8"))
+        return list(zip(footprint_tiles(paths), paths, strict=True))  # GeoTIFF bounds + CRS
+    table = json.loads(require_file(footprints, "footprints file").read_text(encoding="utf-8"))
     if not isinstance(table, dict):
-        raise ValueError(f"--footprints {footprints} must be a JSON object {{image file name or stem: "
-                         "[west, south, east, north]}}")
+        raise DataError(f"footprints {footprints} must be a JSON object {{image file name or stem: "
+                        "[west, south, east, north]}}")
     out = []
     for path in paths:
         bbox = table.get(path.name, table.get(path.stem))
         if bbox is None:
-            raise ValueError(f"--footprints {footprints} has no entry for {path.name} (key by file name or stem)")
+            raise DataError(f"footprints {footprints} has no entry for {path.name} (key by file name or stem)")
         out.append((Tile(path.stem, tuple(float(v) for v in bbox), crs), path))
     return out
 
 
-def make_pairs(out: str | Path, official_tiles_dir: str | Path | None = None, images: str | Path | None = None,
-               footprints: str | Path | None = None, pbf: str | Path | None = None, vector: str | Path | None = None,
-               crs: str = "EPSG:4326", tag_encoder: Any = None, tag_weights: str | Path | None = "official",
-               samples_per_shard: int = 1024, progress: bool = True) -> dict[str, Any]:
-    """Build (or append to) a pair dataset: ``geolink make-pairs``.
+@dataclass
+class MakePairsConfig:
+    """Pair image tiles with their OpenStreetMap graphs and store them as a sharded, append-only pair dataset
+    (index.json + safetensors shards + tag vocabulary and embedding table; no pickle) that pretraining,
+    PairShards and StreamingPairShards read. Inputs: the official example layout (official_tiles), or a folder of
+    image tiles (images) with footprints (a footprints JSON, or the GeoTIFF bounds) and an OSM source (pbf or
+    vector). Rerunning on the same out appends new tiles and skips those already stored."""
 
-    Either the official example layout (``official_tiles_dir``), or a folder of image tiles (``images``) with
-    footprints (a JSON ``{name: [west, south, east, north]}`` in ``crs``, or the GeoTIFF bounds of the images) and
-    an OSM source (``pbf``, read for the union of the footprints only, or any ``vector`` file
-    :func:`geolink.graph.io.read_features` reads). Graphs are built with
-    :class:`~geolink.graph.build.OSMGraphBuilder` in compact form; samples already in ``out`` are skipped.
+    out: Path = field(metadata={"help": "dataset folder (created, or appended to)"})
+    text_model: str = field(metadata={
+        "help": "text model for the tag embedding table: a local folder or a Hub id "
+                "(e.g. sentence-transformers/all-MiniLM-L6-v2, 384 wide)"})
+    official_tiles: Path | None = field(default=None, metadata={
+        "help": "official layout: DIR/<tile>/{<tile>.jpg, <tile>_{polygon,line,point}.geojson, meta.json}",
+        "metavar": "DIR"})
+    images: Path | None = field(default=None, metadata={"help": "folder of image tiles (.jpg/.png/.tif)",
+                                                        "metavar": "DIR"})
+    footprints: Path | None = field(default=None, metadata={
+        "help": "with images: {image file name or stem: [west, south, east, north]} in crs (default: read the "
+                "GeoTIFF bounds of the images)", "metavar": "JSON"})
+    crs: str = field(default="EPSG:4326", metadata={"help": "CRS of footprints"})
+    pbf: Path | None = field(default=None, metadata={
+        "help": "with images: .osm.pbf / .osm file (read for the tiles' extent only)"})
+    vector: Path | None = field(default=None, metadata={
+        "help": "with images: any vector file geolink reads (GeoJSON, .gpkg, ...)"})
+    pooling: str = field(default="official", metadata={"help": f"tag pooling: {', '.join(POOLINGS)}"})
+    tag_weights: str = field(default="official", metadata={
+        "help": "key-frequency JSON, or official for the table shipped with geolink"})
+    samples_per_shard: int = field(default=1024, metadata={"help": "pairs per shard file"})
+    device: str = field(default="auto", metadata={"help": "text model device (auto: cuda if available)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("official_tiles", "images", "footprints", "pbf", "vector"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if (self.official_tiles is None) == (self.images is None):
+            raise ConfigError("pass exactly one input: official_tiles (the official example layout) or images "
+                              "(a folder of image tiles)")
+        if self.pbf is not None and self.vector is not None:
+            raise ConfigError("pass at most one OSM source: pbf or vector")
+        if self.images is not None and self.pbf is None and self.vector is None:
+            raise ConfigError("images needs an OSM source: pass pbf (e.g. city.osm.pbf) or vector "
+                              "(e.g. features.gpkg)")
+        extra = [name for name in ("footprints", "pbf", "vector") if getattr(self, name) is not None]
+        if self.official_tiles is not None and extra:
+            raise ConfigError(f"{', '.join(extra)} only go with images; official_tiles folders carry their own "
+                              "footprints and features")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard must be at least 1, got {self.samples_per_shard}")
+
+
+def make_pairs(config: MakePairsConfig, tag_encoder: Any = None) -> dict[str, Any]:
+    """The ``geolink make-pairs`` job: build (or append to) a pair dataset.
+
+    Graphs are built with :class:`~geolink.graph.build.OSMGraphBuilder` in compact form; samples already in
+    ``config.out`` are skipped. For ``images``, the OSM source is read once for the whole set
+    (:func:`geolink.graph.tiles.read_region`; a ``pbf`` only for the union of the footprints).
+
+    Args:
+        config: the job.
+        tag_encoder: embeds the vocabulary instead of a :class:`~geolink.graph.text.TagEncoder` of
+            ``config.text_model`` (anything with ``embedding_table(vocabulary)`` and ``info()``).
 
     Returns:
         ``{"out", "added", "skipped", "samples", "nodes", "vocabulary", "shards"}``.
+
+    Raises:
+        MissingInputError: an input file or folder does not exist.
     """
     from tqdm.auto import tqdm
 
-    from geolink.graph.build import OSMGraphBuilder
+    progress = not config.quiet
+    for name in ("official_tiles", "images", "footprints", "pbf", "vector"):  # before loading the text model
+        if getattr(config, name) is not None:
+            require_file(getattr(config, name), name)
+    if tag_encoder is None:
+        from geolink.graph.text import TagEncoder
 
-    builder = OSMGraphBuilder(None, tag_weights=tag_weights)
-    writer = PairShardWriter(out, tag_encoder=tag_encoder, samples_per_shard=samples_per_shard)
+        tag_encoder = TagEncoder(config.text_model, pooling=config.pooling, device=config.device)
+    builder = OSMGraphBuilder(None, tag_weights=config.tag_weights)
+    writer = PairShardWriter(config.out, tag_encoder=tag_encoder, samples_per_shard=config.samples_per_shard)
     jobs: list[tuple[str, Path, Any]] = []  # (name, image, (features, bbox, crs, feature_crs))
     skipped = 0
-    if official_tiles_dir is not None:
-        if images is not None:
-            raise ValueError("pass either --official-tiles or --images, not both")
-        for name, image, features, bbox, tile_crs, feature_crs in official_tiles(official_tiles_dir):
+    if config.official_tiles is not None:
+        for name, image, features, bbox, tile_crs, feature_crs in official_tiles(config.official_tiles):
             jobs.append((name, image, (features, bbox, tile_crs, feature_crs)))
-    elif images is not None:
-        from geolink.graph.io import read_features, read_osm, reproject
-        from geolink.graph.tiles import RegionIndex, iter_tile_features
-
-        tiles = _image_tiles(images, footprints, crs)
+    else:
+        tiles = _image_tiles(config.images, config.footprints, config.crs)
         todo = [(t, p) for t, p in tiles if t.name not in writer]
         skipped = len(tiles) - len(todo)
-        if pbf is not None:
-            import shapely
-
-            boxes = [shapely.box(*t.bbox) if t.crs in ("EPSG:4326", "OGC:CRS84")
-                     else reproject(np.array([shapely.box(*t.bbox)], dtype=object), t.crs, "EPSG:4326")[0]
-                     for t, _ in todo]
-            region_bbox = tuple(shapely.total_bounds(np.array(boxes, dtype=object))) if boxes else None
-            features, data_crs = (list(read_osm(pbf, bbox=region_bbox, key_frequency=tag_weights, progress=progress))
-                                  if boxes else []), "EPSG:4326"
-        elif vector is not None:
-            features, data_crs = read_features(vector)
-            data_crs = data_crs or crs
-        else:
-            raise ValueError("--images needs an OSM source: --pbf city.osm.pbf or --vector features.gpkg")
-        region = RegionIndex(features, data_crs)
-        paths = dict((t.name, p) for t, p in todo)
-        for tile, tile_features in iter_tile_features(region, [t for t, _ in todo]):
-            jobs.append((tile.name, paths[tile.name], (tile_features, tile.bbox, tile.crs, data_crs)))
-    else:
-        raise ValueError("pass --official-tiles DIR, or --images DIR with --pbf/--vector")
+        if todo:
+            bbox = None
+            if config.pbf is not None:  # read the extract for the union of the footprints only
+                boxes = np.array([reproject_bbox(t.bbox, t.crs, "EPSG:4326") for t, _ in todo])
+                bbox = (*boxes[:, :2].min(0), *boxes[:, 2:].max(0))
+            region = read_region(config.pbf, config.vector, crs=config.crs, bbox=bbox,
+                                 tag_weights=config.tag_weights, progress=progress)
+            paths = {t.name: p for t, p in todo}
+            for tile, tile_features in iter_tile_features(region, [t for t, _ in todo]):
+                jobs.append((tile.name, paths[tile.name], (tile_features, tile.bbox, tile.crs, region.crs)))
     added = nodes = 0
     for name, image, (features, bbox, tile_crs, feature_crs) in tqdm(jobs, desc="building pairs", unit="pair",
                                                                      disable=not progress):
@@ -706,10 +717,9 @@ def make_pairs(out: str | Path, official_tiles_dir: str | Path | None = None, im
         nodes += sum(int(graph[t].pos.shape[0]) for t in NODE_TYPES)
         added += 1
     index = writer.close()
-    return {"out": str(out), "added": added, "skipped": skipped, "samples": int(index["samples"]), "nodes": nodes,
-            "vocabulary": len(writer.vocabulary), "shards": len(index["shards"])}
+    return {"out": str(config.out), "added": added, "skipped": skipped, "samples": int(index["samples"]),
+            "nodes": nodes, "vocabulary": len(writer.vocabulary), "shards": len(index["shards"])}
 
 
-__all__ = ["FORMAT", "CorruptShardError", "PairShardReader", "PairShardWriter", "Shard", "decode_image",
-           "encode_shard", "graph_from_tensors", "image_format", "is_pair_dataset", "open_index", "shard_sizes",
-           "write_pairs", "make_pairs", "official_tiles"]
+__all__ = ["FORMAT", "CorruptShardError", "MakePairsConfig", "PairShardReader", "PairShardWriter", "Shard",
+           "decode_image", "encode_shard", "image_format", "make_pairs", "official_tiles", "shard_sizes"]

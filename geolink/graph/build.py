@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import shapely
 import torch
-from scipy import sparse
 from torch_geometric.data import HeteroData
 
+from geolink.errors import InputError
+from geolink.graph.readers import BBox, frame_features, is_geographic, reproject
 from geolink.graph.relations import all_relations
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS
+from geolink.graph.storage import mix_tags, pad_tags
 from geolink.graph.tags import (
     KEEP_ALL,
     TagFilter,
@@ -32,7 +34,6 @@ from geolink.graph.tags import (
     tags_to_strings,
 )
 
-BBox = tuple[float, float, float, float]
 _TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
 _ANGLES = np.radians(360 / 3 * np.arange(3))
 _RADII_STEPS = 10
@@ -107,24 +108,21 @@ class PreparedTile:
 
 
 def check_bbox(bbox: Iterable[float], crs: str = "EPSG:4326") -> BBox:
-    """Validate ``(west, south, east, north)``; raise ``ValueError`` saying what is wrong and how to fix it."""
+    """Validate ``(west, south, east, north)``; raise :class:`~geolink.errors.InputError` saying what is wrong and
+    how to fix it."""
     try:
         west, south, east, north = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        raise ValueError(f"bbox must be four numbers (west, south, east, north), got {bbox!r}") from None
+        raise InputError(f"bbox must be four numbers (west, south, east, north), got {bbox!r}") from None
     if not all(np.isfinite([west, south, east, north])):
-        raise ValueError(f"bbox {bbox!r} has a non-finite value")
+        raise InputError(f"bbox {bbox!r} has a non-finite value")
     if not (east > west and north > south):
-        raise ValueError(f"empty bbox {bbox!r}: it must be (west, south, east, north) with east > west and "
+        raise InputError(f"empty bbox {bbox!r}: it must be (west, south, east, north) with east > west and "
                          "north > south")
-    if _is_geographic(crs) and not (west >= -180.5 and east <= 180.5 and south >= -90.5 and north <= 90.5):
-        raise ValueError(f"bbox {bbox!r} is not in degrees but crs={crs!r} is geographic: pass the tile's CRS, "
+    if is_geographic(crs) and not (west >= -180.5 and east <= 180.5 and south >= -90.5 and north <= 90.5):
+        raise InputError(f"bbox {bbox!r} is not in degrees but crs={crs!r} is geographic: pass the tile's CRS, "
                          "e.g. crs='EPSG:32635' for UTM coordinates")
     return west, south, east, north
-
-
-def _is_geographic(crs: str) -> bool:
-    return str(crs).upper().replace(" ", "") in ("EPSG:4326", "OGC:CRS84", "CRS84", "WGS84", "EPSG:4258")
 
 
 def _flatten_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +217,7 @@ class OSMGraphBuilder:
         self.tag_encoder = tag_encoder
         self.frequency = load_key_frequency(tag_weights)
         if isinstance(tag_filter, str) and tag_filter != "auto":
-            raise ValueError(f"tag_filter must be 'auto', a TagFilter or None, got {tag_filter!r}")
+            raise InputError(f"tag_filter must be 'auto', a TagFilter or None, got {tag_filter!r}")
         self.tag_filter = tag_filter
         self.delaunay_min_points = int(delaunay_min_points)
         self.clip = clip
@@ -265,8 +263,6 @@ class OSMGraphBuilder:
             strings.append(kept)
         geoms = np.asarray(geoms, dtype=object) if geoms else np.zeros(0, dtype=object)
         if feature_crs is not None and str(feature_crs) != str(crs) and len(geoms):
-            from geolink.graph.io import reproject
-
             geoms = reproject(geoms, feature_crs, crs)
         empty = shapely.is_empty(geoms)
         report.dropped_empty += int(empty.sum())
@@ -287,10 +283,10 @@ class OSMGraphBuilder:
             report.clipped += int(touching.sum())
             if touching.any():
                 geoms[touching] = shapely.intersection(geoms[touching], tile)
-            if outside.all() and len(geoms) and _is_geographic(crs):
+            if outside.all() and len(geoms) and is_geographic(crs):
                 bounds = shapely.total_bounds(geoms)
                 if not (bounds[0] >= -180.5 and bounds[2] <= 180.5 and bounds[1] >= -90.5 and bounds[3] <= 90.5):
-                    raise ValueError(f"the features are not in degrees (bounds {bounds.round(1).tolist()}) but the "
+                    raise InputError(f"the features are not in degrees (bounds {bounds.round(1).tolist()}) but the "
                                      f"tile crs is {crs!r}: pass feature_crs= (e.g. 'EPSG:3857') to reproject them")
             geoms, dims, strings = geoms[~outside], dims[~outside], [s for s, o in zip(strings, outside, strict=True)
                                                                      if not o]
@@ -342,39 +338,26 @@ class OSMGraphBuilder:
         if materialize is None:
             materialize = vocabulary is None
         if materialize and self.tag_encoder is None:
-            raise ValueError("OSMGraphBuilder needs a tag_encoder to compute node features x; pass "
+            raise InputError("OSMGraphBuilder needs a tag_encoder to compute node features x; pass "
                              "tag_encoder=TagEncoder(...) or build the compact form with vocabulary=TagVocabulary()")
         graph = HeteroData()
-        embeddings = unique_index = None
+        table = unique_index = None
         if materialize:
             unique = prepared.unique_tags()
             unique_index = {s: i for i, s in enumerate(unique)}
-            embeddings = self.tag_encoder.encode(unique).numpy().astype(np.float64)
-        dim = int(self.tag_encoder.dim) if self.tag_encoder is not None else 0
+            table = self.tag_encoder.encode(unique).float()
         for t in NODE_TYPES:
             nodes = prepared.tags[t]
             n = len(nodes)
             counts = np.fromiter((len(node) for node in nodes), dtype=np.int64, count=n)
             flat = [s for node in nodes for s in node]
             flat_w = np.concatenate(prepared.weights[t]) if n else np.zeros(0)
-            rows = np.repeat(np.arange(n), counts)
             if materialize:
                 cols = np.fromiter((unique_index[s] for s in flat), dtype=np.int64, count=len(flat))
-                if n:
-                    mixing = sparse.csr_matrix((flat_w, (rows, cols)), shape=(n, len(unique_index)))
-                    graph[t].x = torch.from_numpy(np.asarray(mixing @ embeddings, dtype=np.float32))
-                else:
-                    graph[t].x = torch.zeros(0, dim)
+                graph[t].x = mix_tags(table, cols, flat_w, counts)
             graph[t].pos = torch.from_numpy(prepared.pos[t]).reshape(n, NUM_ANCHORS[t], 2)
             if vocabulary is not None:
-                width = int(counts.max()) if n else 0
-                slot = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-                ids = np.full((n, width), -1, dtype=np.int64)
-                weight = np.zeros((n, width), dtype=np.float32)
-                ids[rows, slot] = vocabulary.add(flat)
-                weight[rows, slot] = flat_w
-                graph[t].tags = torch.from_numpy(ids)
-                graph[t].tag_weight = torch.from_numpy(weight)
+                graph[t].tags, graph[t].tag_weight = pad_tags(vocabulary.add(flat), flat_w, counts)
         for edge_type in EDGE_TYPES:
             edge_index, relation = prepared.edges[edge_type]
             graph[edge_type].edge_index = torch.from_numpy(np.ascontiguousarray(edge_index, dtype=np.int64))
@@ -416,17 +399,15 @@ class OSMGraphBuilder:
         every other non-null column. A frame's ``.crs``, when set and different from ``crs``, is reprojected.
         Rows are used in frame order: polygons first, then lines, then points.
         """
-        from geolink.graph.io import frame_features
-
         features, frame_crs = [], None
         for frame in (polygons, lines, points):
             if frame is None:
                 continue
             rows, this_crs = frame_features(frame, label_column)
             if frame_crs is not None and this_crs is not None and str(this_crs) != str(frame_crs):
-                raise ValueError(f"the frames have different CRSs ({frame_crs} and {this_crs}); reproject them first")
+                raise InputError(f"the frames have different CRSs ({frame_crs} and {this_crs}); reproject them first")
             frame_crs = frame_crs or this_crs
             features.extend(rows)
-        if frame_crs is not None and _is_geographic(str(frame_crs)) and _is_geographic(crs):
+        if frame_crs is not None and is_geographic(str(frame_crs)) and is_geographic(crs):
             frame_crs = None
         return self.build(features, bbox, crs, feature_crs=kwargs.pop("feature_crs", frame_crs), **kwargs)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch_geometric.data import HeteroData
 
+from geolink.errors import InputError
+
 NODE_TYPES: tuple[str, ...] = ("polygon", "line", "point")
 """Canonical node-type order."""
 
@@ -67,7 +69,8 @@ def empty_graph(feature_dim: int, crs: str = "EPSG:4326", bbox: tuple[float, flo
 
 
 def validate_graph(graph: HeteroData, feature_dim: int | None = None) -> None:
-    """Check that ``graph`` follows the contract; raise ``ValueError`` naming the first violation.
+    """Check that ``graph`` follows the contract; raise :class:`~geolink.errors.InputError` (a ``ValueError``)
+    naming the first violation.
 
     Works on single graphs and on ``Batch.from_data_list`` batches.
 
@@ -77,26 +80,26 @@ def validate_graph(graph: HeteroData, feature_dim: int | None = None) -> None:
     """
     for node_type in NODE_TYPES:
         if node_type not in graph.node_types:
-            raise ValueError(f"graph has no node type {node_type!r}; every graph needs all of {NODE_TYPES}")
+            raise InputError(f"graph has no node type {node_type!r}; every graph needs all of {NODE_TYPES}")
         store = graph[node_type]
         if "x" not in store or "pos" not in store:
-            raise ValueError(f"graph[{node_type!r}] needs both 'x' [N, D] and 'pos' [N, A, 2]")
+            raise InputError(f"graph[{node_type!r}] needs both 'x' [N, D] and 'pos' [N, A, 2]")
         x, pos = store.x, store.pos
         if x.dim() != 2:
-            raise ValueError(f"graph[{node_type!r}].x must be [N, D], got shape {tuple(x.shape)}")
+            raise InputError(f"graph[{node_type!r}].x must be [N, D], got shape {tuple(x.shape)}")
         if feature_dim is not None and x.shape[1] != feature_dim:
-            raise ValueError(f"graph[{node_type!r}].x has width {x.shape[1]}, the model expects {feature_dim}: "
+            raise InputError(f"graph[{node_type!r}].x has width {x.shape[1]}, the model expects {feature_dim}: "
                              "build the graph with the text model the model was trained with")
         anchors = NUM_ANCHORS[node_type]
         if pos.shape != (x.shape[0], anchors, 2):
-            raise ValueError(f"graph[{node_type!r}].pos must be [{x.shape[0]}, {anchors}, 2], got {tuple(pos.shape)}")
+            raise InputError(f"graph[{node_type!r}].pos must be [{x.shape[0]}, {anchors}, 2], got {tuple(pos.shape)}")
     for edge_type in EDGE_TYPES:
         if edge_type not in graph.edge_types:
-            raise ValueError(f"graph has no edge type {edge_type}; empty edge types must be present as [2, 0]")
+            raise InputError(f"graph has no edge type {edge_type}; empty edge types must be present as [2, 0]")
         edge_index = graph[edge_type].edge_index
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-            raise ValueError(f"graph[{edge_type}].edge_index must be [2, E], got {tuple(edge_index.shape)}")
+            raise InputError(f"graph[{edge_type}].edge_index must be [2, E], got {tuple(edge_index.shape)}")
         src, _, dst = edge_type
         if edge_index.numel() and (int(edge_index[0].max()) >= graph[src].num_nodes
                                    or int(edge_index[1].max()) >= graph[dst].num_nodes):
-            raise ValueError(f"graph[{edge_type}].edge_index points past the last node")
+            raise InputError(f"graph[{edge_type}].edge_index points past the last node")

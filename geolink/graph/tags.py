@@ -2,20 +2,22 @@
 
 Owns everything about tags that does not need a text model: turning OSM tag dicts and official ``label``
 strings (``"k:v;k:v"``) into tag strings, the key-frequency table (the official one shipped in
-``geolink/assets`` or one counted from any corpus), the ``log(frequency)`` weights, key filtering and the
-append-only :class:`TagVocabulary` that stored datasets index into.
+``geolink/assets`` or one counted from any corpus with :func:`geolink.graph.readers.count_keys`), the
+``log(frequency)`` weights, key filtering and the append-only :class:`TagVocabulary` that stored datasets index
+into.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from geolink.errors import DataError, MissingInputError
 
 OFFICIAL_KEY_FREQUENCY = Path(__file__).resolve().parents[1] / "assets" / "tag_key_frequency.json"
 """The official key-frequency table (MIT, from the official GeoLink repository)."""
@@ -114,8 +116,8 @@ def load_key_frequency(source: str | Path | Mapping[str, float] | None = "offici
             not exist as files also mean the shipped copy.
 
     Raises:
-        FileNotFoundError: the JSON file does not exist.
-        ValueError: the file is not a ``{key: number}`` object.
+        MissingInputError: the JSON file does not exist.
+        DataError: the file is not a ``{key: number}`` object.
     """
     if source is None:
         return None
@@ -125,12 +127,12 @@ def load_key_frequency(source: str | Path | Mapping[str, float] | None = "offici
     if not path.is_file() and str(source) in _OFFICIAL_NAMES:  # the official file's names mean the shipped copy
         path = OFFICIAL_KEY_FREQUENCY
     if not path.is_file():
-        raise FileNotFoundError(f"key-frequency table {path} not found; pass 'official', a JSON file written by "
+        raise MissingInputError(f"key-frequency table {path} not found; pass 'official', a JSON file written by "
                                 "`geolink tag-stats`, or a dict")
     with open(path, encoding="utf-8") as handle:
         table = json.load(handle)
     if not isinstance(table, dict) or not all(isinstance(v, int | float) for v in table.values()):
-        raise ValueError(f"{path} must hold a JSON object {{key: frequency}}")
+        raise DataError(f"{path} must hold a JSON object {{key: frequency}}")
     return {str(k): float(v) for k, v in table.items()}
 
 
@@ -139,44 +141,6 @@ def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None) -
     if frequency is None:
         return np.zeros(len(strings))
     return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
-
-
-def normalized_weights(raw: np.ndarray) -> np.ndarray:
-    """Raw weights of one node's tags → the averaging weights: ``w / sum(w)``, or uniform when the sum is 0."""
-    total = raw.sum()
-    if raw.size == 0:
-        return raw
-    return raw / total if total != 0 else np.full(raw.shape, 1.0 / raw.size)
-
-
-class KeyCounter:
-    """Counts, for each normalised key, the number of OSM objects carrying it (``geolink tag-stats``)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.objects = 0
-
-    def add(self, tags: Tags | None) -> None:
-        """Count one object's keys (each key once per object)."""
-        self.objects += 1
-        if not tags:
-            return
-        keys = ({tag_key(s) for s in parse_label(tags)} if isinstance(tags, str)
-                else {normalize_key(k) for k in tags})
-        self.counts.update(keys)
-
-    def table(self, min_count: int = 1) -> dict[str, int]:
-        """The frequency table, most frequent first (ties by key), keeping keys seen at least ``min_count`` times."""
-        items = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return {k: v for k, v in items if v >= min_count}
-
-    def save(self, path: str | Path, min_count: int = 1) -> dict[str, int]:
-        """Write the table as JSON (the format :func:`load_key_frequency` reads) and return it."""
-        table = self.table(min_count)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(table, handle, indent=1, ensure_ascii=False)
-        return table
 
 
 class TagVocabulary:
@@ -228,39 +192,3 @@ class TagVocabulary:
         with open(path, encoding="utf-8") as handle:
             return cls(json.load(handle)["strings"])
 
-
-def count_keys(inputs: Iterable[str | Path], out: str | Path | None = None, min_count: int = 1,
-               progress: bool = False) -> dict[str, int]:
-    """Key-frequency table of a corpus (``geolink tag-stats``): objects per key over ``.osm.pbf``/``.osm`` files
-    (every tagged node, way and relation) and GeoJSON files (every feature).
-
-    Args:
-        inputs: the files.
-        out: when given, the table is written there as JSON.
-        min_count: drop keys seen fewer times.
-        progress: show a progress bar.
-    """
-    counter = KeyCounter()
-    for path in map(Path, inputs):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found")
-        name = path.name.lower()
-        if name.endswith((".pbf", ".osm", ".osm.bz2", ".osm.gz")):
-            try:
-                import osmium
-            except ImportError as err:
-                raise ImportError("reading OSM files needs pyosmium: `pip install geolink[osm]`") from err
-            from tqdm.auto import tqdm
-
-            for obj in tqdm(osmium.FileProcessor(str(path)), desc=f"counting {path.name}", unit=" objects",
-                            disable=not progress, mininterval=1):
-                if obj.tags:
-                    counter.add({t.k: t.v for t in obj.tags})
-        elif name.endswith((".geojson", ".json")):
-            from geolink.graph.io import read_geojson
-
-            for _, tags in read_geojson(path)[0]:
-                counter.add(tags)
-        else:
-            raise ValueError(f"tag-stats reads .osm.pbf/.osm and GeoJSON files, not {path.suffix!r} ({path})")
-    return counter.save(out, min_count) if out is not None else counter.table(min_count)

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geolink.errors import DataError, InputError, MissingWeightsError
+from geolink.runtime import resolve_device
+
 POOLINGS = ("official", "mean", "cls")
 """``official``: last hidden state averaged over every real token but the first (the official GeoLink tag
 embedding); ``mean``: over every real token; ``cls``: the first token."""
@@ -43,8 +46,8 @@ def _load_text_model(name: str, revision: str | None) -> tuple[torch.nn.Module, 
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot load a text model from {name!r}: pass a local Hugging Face model folder (with "
-                      f"config.json) or a Hub id ({err})") from err
+        raise MissingWeightsError(f"cannot load a text model from {name!r}: pass a local Hugging Face model folder "
+                                  f"(with config.json) or a Hub id ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if config.model_type in ("clip", "siglip", "chinese_clip", "altclip"):
         from transformers import CLIPTextModel, SiglipTextModel
@@ -62,7 +65,7 @@ class TagEncoder:
     Args:
         model_name_or_path: a local model folder or a Hub id (only a Hub id ever triggers a download).
         pooling: one of :data:`POOLINGS`; ``"official"`` reproduces the official GeoLink tag embedding.
-        device: torch device; default CUDA when available, else CPU.
+        device: torch device; None or ``"auto"``: CUDA when available, else CPU.
         batch_size: strings per forward pass (strings are sorted by length first to limit padding).
         cache_dir: folder of the on-disk cache; None keeps the cache in memory only.
         revision: Hub revision (part of the cache key).
@@ -74,15 +77,15 @@ class TagEncoder:
     embedding equals the unpadded single-string forward pass of the official builder up to float rounding.
     """
 
-    def __init__(self, model_name_or_path: str | Path, pooling: str = "official", device: str | None = None,
+    def __init__(self, model_name_or_path: str | Path, pooling: str = "official", device: str | None = "auto",
                  batch_size: int = 64, cache_dir: str | Path | None = None, revision: str | None = None,
                  max_length: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.name = str(model_name_or_path)
         self.pooling = pooling
         self.batch_size = int(batch_size)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model, self.tokenizer = _load_text_model(self.name, revision)
         self.model.eval().to(device=self.device, dtype=dtype)
         self.dtype = dtype
@@ -122,7 +125,7 @@ class TagEncoder:
             strings = json.loads(handle.metadata()["strings"])
             table = handle.get_tensor("embeddings")
         if table.shape != (len(strings), self.dim):
-            raise ValueError(f"tag cache {self.cache_path} does not match the model (shape {table.shape}); delete it")
+            raise DataError(f"tag cache {self.cache_path} does not match the model (shape {table.shape}); delete it")
         self._cache.update(zip(strings, table, strict=True))
 
     def save_cache(self) -> Path | None:

@@ -1,9 +1,11 @@
-"""Cutting a region into tiles and building every tile's graph into a folder.
+"""Cutting a region into tiles and building every tile's graph into a folder: the ``geolink build-graphs`` job.
 
-Owns tile definitions (:class:`Tile`: a grid over a bbox by tile size in metres or degrees or by a rows × columns
-count, image footprints, GeoTIFF bounds), the region-wide spatial index that hands each tile its features
-(:class:`RegionIndex`: one STRtree for the whole region, one query per tile), and :func:`build_tiles`, the engine
-of ``geolink build-graphs``: sharding, resumability, worker processes, the shared tag vocabulary and the index.
+Owns tile definitions (:class:`Tile`: a grid over a bbox by a :class:`TileSize` in metres or degrees or by a
+rows × columns count, image footprints, GeoTIFF bounds), reading a region's OSM source into the region-wide spatial
+index that hands each tile its features (:func:`read_region` → :class:`RegionIndex`: one STRtree for the whole
+region, one query per tile), and the job itself: :class:`BuildGraphsConfig` → :func:`build_graphs`, whose engine
+:func:`build_tiles` does sharding (:class:`TileShard`), resumability, worker processes, the shared tag vocabulary
+and the index; :func:`merge_shards` joins the vocabularies of a sharded build.
 """
 
 from __future__ import annotations
@@ -13,15 +15,28 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import shapely
 
-from geolink.graph.build import BBox, OSMGraphBuilder, PreparedTile, check_bbox
-from geolink.graph.tags import TagVocabulary
+from geolink.errors import ConfigError, DataError, InputError
+from geolink.graph.build import OSMGraphBuilder, PreparedTile, check_bbox
+from geolink.graph.readers import (
+    BBox,
+    is_geographic,
+    read_features,
+    read_osm,
+    reproject,
+    reproject_bbox,
+    require_file,
+)
+from geolink.graph.storage import load_graph, load_table, save_graph, save_vocabulary
+from geolink.graph.tags import TagFilter, TagVocabulary
+from geolink.graph.text import POOLINGS
 
 _METRES_PER_DEGREE = 111_320.0
 
@@ -35,50 +50,85 @@ class Tile:
     crs: str = "EPSG:4326"
 
 
-def parse_tile_size(size: str | float) -> tuple[float, str]:
-    """``"200m"`` → (200, "m"); ``"0.002deg"`` / ``0.002`` → (0.002, "deg")."""
-    if isinstance(size, int | float):
-        return float(size), "deg"
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(m|km|deg|°)?\s*", str(size))
-    if not match:
-        raise ValueError(f"tile size {size!r} not understood: use e.g. '200m', '1km' or '0.002deg'")
-    value, unit = float(match.group(1)), match.group(2) or "deg"
-    if unit == "km":
-        value, unit = value * 1000, "m"
-    if value <= 0:
-        raise ValueError(f"tile size must be positive, got {size!r}")
-    return value, "deg" if unit == "°" else unit
+class TileUnit(str, Enum):
+    """Unit of a :class:`TileSize`."""
+
+    METRES = "m"
+    DEGREES = "deg"
 
 
-def grid_tiles(bbox: Iterable[float], tile_size: str | float | None = None, shape: tuple[int, int] | None = None,
+@dataclass(frozen=True)
+class TileSize:
+    """The side of a square tile: ``TileSize(200, TileUnit.METRES)``, ``TileSize(0.002, TileUnit.DEGREES)``.
+
+    Raises:
+        InputError: the value is not a positive number.
+    """
+
+    value: float
+    unit: TileUnit = TileUnit.METRES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit", TileUnit(self.unit))
+        if not (isinstance(self.value, int | float) and math.isfinite(self.value) and self.value > 0):
+            raise InputError(f"tile_size must be a positive length, got {self.value!r}")
+
+    @classmethod
+    def from_string(cls, text: str) -> TileSize:
+        """``"200m"``, ``"1km"`` (= 1000 m), ``"0.002deg"`` / ``"0.002°"``; a bare number is in degrees.
+
+        Raises:
+            InputError: the text is not a positive number with one of these units.
+        """
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(m|km|deg|°)?\s*", str(text))
+        if not match:
+            raise InputError(f"tile_size {text!r} not understood: use e.g. '200m', '1km' or '0.002deg'")
+        value, unit = float(match.group(1)), match.group(2) or "deg"
+        if unit == "km":
+            value, unit = value * 1000, "m"
+        return cls(value, TileUnit.DEGREES if unit in ("deg", "°") else TileUnit.METRES)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit.value}"
+
+
+DEFAULT_TILE_SIZE = TileSize(200, TileUnit.METRES)
+"""The tile size of a grid when neither a size nor a rows × columns shape is given."""
+
+
+def grid_tiles(bbox: Iterable[float], tile_size: TileSize | None = None, shape: tuple[int, int] | None = None,
                crs: str = "EPSG:4326") -> list[Tile]:
     """Tiles covering ``bbox`` row by row from the north-west corner, named ``r<row>_c<col>``.
 
+    Raises:
+        InputError: both or neither of ``tile_size`` and ``shape``, a non-positive shape, or degrees in a projected
+            CRS.
+
     Args:
         bbox: the region (west, south, east, north) in ``crs``.
-        tile_size: side length, ``"200m"`` or degrees; in a geographic CRS metres are converted at the region's
-            central latitude (equirectangular). Edge tiles are cut at the region boundary.
+        tile_size: side length; in a geographic CRS metres are converted at the region's central latitude
+            (equirectangular). Edge tiles are cut at the region boundary.
         shape: (rows, columns) instead of ``tile_size``: the region split into equal tiles.
         crs: the region CRS.
     """
     west, south, east, north = check_bbox(bbox, crs)
     if (tile_size is None) == (shape is None):
-        raise ValueError("pass exactly one of tile_size (e.g. '200m') and shape=(rows, columns)")
+        raise InputError("pass exactly one of tile_size (e.g. TileSize(200, TileUnit.METRES)) and "
+                         "shape=(rows, columns)")
     if shape is not None:
         rows, cols = (int(v) for v in shape)
         if rows < 1 or cols < 1:
-            raise ValueError(f"shape must be positive (rows, columns), got {shape}")
+            raise InputError(f"shape must be positive (rows, columns), got {shape}")
         xs, ys = np.linspace(west, east, cols + 1), np.linspace(north, south, rows + 1)
     else:
-        value, unit = parse_tile_size(tile_size)
-        geographic = str(crs).upper() in ("EPSG:4326", "OGC:CRS84", "CRS84")
-        if unit == "m" and geographic:
-            dy = value / _METRES_PER_DEGREE
+        geographic = is_geographic(crs)
+        if tile_size.unit is TileUnit.METRES and geographic:
+            dy = tile_size.value / _METRES_PER_DEGREE
             dx = dy / math.cos(math.radians((south + north) / 2))
-        elif unit == "deg" and not geographic:
-            raise ValueError(f"tile size in degrees but crs {crs!r} is projected: give the size in metres")
+        elif tile_size.unit is TileUnit.DEGREES and not geographic:
+            raise InputError(f"tile_size {tile_size} is in degrees but crs {crs!r} is projected: give it in metres")
         else:
-            dx = dy = value
+            dx = dy = tile_size.value
         cols, rows = math.ceil((east - west) / dx - 1e-9), math.ceil((north - south) / dy - 1e-9)
         xs = np.minimum(west + dx * np.arange(cols + 1), east)
         ys = np.maximum(north - dy * np.arange(rows + 1), south)
@@ -112,11 +162,12 @@ def geotiff_bounds(path: str | Path) -> tuple[BBox, str]:
     with Pillow (no GDAL needed).
 
     Raises:
-        ValueError: the file has no georeferencing (ModelPixelScale + ModelTiepoint) or is rotated.
+        MissingInputError: the file does not exist.
+        DataError: the file has no georeferencing (ModelPixelScale + ModelTiepoint) or is rotated.
     """
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(require_file(path, "GeoTIFF")) as image:
         tags = image.tag_v2
         width, height = image.size
         scale, tie = tags.get(33550), tags.get(33922)
@@ -125,14 +176,14 @@ def geotiff_bounds(path: str | Path) -> tuple[BBox, str]:
     if transform is not None:
         a, b, _, c, d, e, _, f = (float(v) for v in list(transform)[:8])
         if b or d:
-            raise ValueError(f"{path} is rotated; only north-up GeoTIFFs are supported")
+            raise DataError(f"{path} is rotated; only north-up GeoTIFFs are supported")
         west, north, sx, sy = c, f, a, -e
     elif scale is not None and tie is not None:
         i, j, _, x, y, _ = (float(v) for v in list(tie)[:6])
         sx, sy = float(scale[0]), float(scale[1])
         west, north = x - i * sx, y + j * sy
     else:
-        raise ValueError(f"{path} has no GeoTIFF georeferencing (ModelPixelScale/ModelTiepoint tags)")
+        raise DataError(f"{path} has no GeoTIFF georeferencing (ModelPixelScale/ModelTiepoint tags)")
     crs = "EPSG:4326"
     if keys is not None:
         values = [int(v) for v in keys]
@@ -149,7 +200,7 @@ class RegionIndex:
     """All features of a region behind one STRtree; :meth:`features_in` returns a tile's candidates in input order.
 
     Args:
-        features: ``(geometry, tags)`` pairs of the whole region (e.g. :func:`geolink.graph.io.read_osm`).
+        features: ``(geometry, tags)`` pairs of the whole region (e.g. :func:`geolink.graph.readers.read_osm`).
         crs: their CRS.
     """
 
@@ -178,12 +229,43 @@ class RegionIndex:
 
 
 def _tile_query_box(tile: Tile, region_crs: str) -> BBox:
-    if tile.crs == region_crs:
-        return tile.bbox
-    from geolink.graph.io import reproject
+    return tile.bbox if tile.crs == region_crs else reproject_bbox(tile.bbox, tile.crs, region_crs)
 
-    return tuple(shapely.bounds(reproject(np.array([shapely.box(*tile.bbox)], dtype=object), tile.crs,
-                                          region_crs)[0]))
+
+def read_region(pbf: str | Path | None = None, vector: str | Path | None = None, *, crs: str = "EPSG:4326",
+                bbox: Iterable[float] | None = None, to_crs: str | None = None, tag_filter: TagFilter | None = None,
+                tag_weights: str | Path | None = "official", progress: bool = False) -> RegionIndex:
+    """Read a region's OSM source into one :class:`RegionIndex`: source → features → (reprojection) → index.
+
+    Args:
+        pbf: an OSM extract (``.osm.pbf`` / ``.osm``), read for ``bbox`` only; its features are in EPSG:4326.
+        vector: instead of ``pbf``, any file :func:`~geolink.graph.readers.read_features` reads.
+        crs: the CRS of ``vector`` when the file names none.
+        bbox: with ``pbf``, the (west, south, east, north) extent to read, in degrees.
+        to_crs: reproject every feature once to this CRS (the tiles' CRS), instead of tile by tile.
+        tag_filter: with ``pbf``, which keys to keep (default: keys of the key-frequency table).
+        tag_weights: with ``pbf``, the key-frequency table ``tag_filter`` checks against.
+        progress: show a progress bar while reading.
+
+    Raises:
+        InputError: both or neither of ``pbf`` and ``vector``.
+        MissingInputError: the source file does not exist.
+    """
+    if (pbf is None) == (vector is None):
+        raise InputError("pass exactly one OSM source: pbf or vector")
+    if pbf is not None:
+        features = list(read_osm(pbf, bbox=bbox, tag_filter=tag_filter, key_frequency=tag_weights,
+                                 progress=progress))
+        data_crs = "EPSG:4326"
+    else:
+        features, data_crs = read_features(vector)
+        data_crs = data_crs or crs
+    if to_crs is not None and str(to_crs) != str(data_crs):
+        if features:
+            geoms = reproject(np.array([g for g, _ in features], dtype=object), data_crs, to_crs)
+            features = list(zip(geoms, (t for _, t in features), strict=True))
+        data_crs = to_crs
+    return RegionIndex(features, data_crs)
 
 
 # the state worker processes inherit (fork) instead of receiving it pickled per task
@@ -199,22 +281,54 @@ def _prepare_tile(k: int) -> tuple[int, PreparedTile]:
     return k, builder.prepare(features, tile.bbox, tile.crs, feature_crs=feature_crs).strip()
 
 
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"2/8"`` → (2, 8) (0-based shard index); None → (0, 1)."""
-    if shard is None:
-        return 0, 1
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
-    if not match or not int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
-    return int(match.group(1)), int(match.group(2))
+@dataclass(frozen=True)
+class TileShard:
+    """Shard ``index`` of ``count`` (0-based): the tiles ``k`` with ``k % count == index``, so ``count`` machines
+    build one region without writing the same file.
+
+    Raises:
+        InputError: not ``0 <= index < count``.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.index, int) and isinstance(self.count, int) and 0 <= self.index < self.count):
+            raise InputError(f"shard must be index/count with 0 <= index < count (e.g. 0/4), got "
+                             f"{self.index}/{self.count}")
+
+    @classmethod
+    def from_string(cls, text: str) -> TileShard:
+        """``"2/8"`` → ``TileShard(2, 8)``.
+
+        Raises:
+            InputError: the text is not ``i/n`` with ``0 <= i < n``.
+        """
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not match:
+            raise InputError(f"shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @property
+    def suffix(self) -> str:
+        """File-name suffix of this shard's index and vocabulary (empty when unsharded)."""
+        return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
+
+    def positions(self, total: int) -> range:
+        """Positions of this shard's tiles among ``total`` tiles."""
+        return range(self.index, total, self.count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, builder: OSMGraphBuilder,
-                tag_encoder: Any = None, shard: tuple[int, int] = (0, 1), workers: int = 1,
+                tag_encoder: Any = None, shard: TileShard = TileShard(), workers: int = 1,
                 chunk_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Build and store the graphs of ``tiles`` (those of this shard) into ``out``; rerunning skips finished tiles.
 
-    Layout of ``out``: ``tiles/<name>.safetensors`` (compact graphs, see :func:`geolink.graph.io.save_graph`),
+    Layout of ``out``: ``tiles/<name>.safetensors`` (compact graphs, see :func:`geolink.graph.storage.save_graph`),
     ``<vocab>.json`` (the tag vocabulary, append-only), ``<vocab>.safetensors`` (its ``[V, D]`` embedding table,
     when ``tag_encoder`` is given), ``<index>.jsonl`` (one line per finished tile: name, file, bbox, crs, node
     counts, report, vocab). Unsharded runs use ``vocab``/``index``; shard ``i/n`` uses ``vocab.shard-i-of-n`` and
@@ -223,11 +337,11 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
 
     Args:
         region: the features of the whole region.
-        tiles: every tile of the region (the shard picks tiles ``k`` with ``k % n == i``).
+        tiles: every tile of the region (the shard picks its own).
         out: output folder.
         builder: the graph builder (its tag encoder is not used; see ``tag_encoder``).
         tag_encoder: embeds the vocabulary into the table; None stores ids + vocabulary only.
-        shard: (i, n).
+        shard: which tiles this run builds.
         workers: processes for the geometry work (fork start method; 1 = in process).
         chunk_size: tiles per commit of vocabulary + index.
         progress: show a progress bar.
@@ -237,26 +351,21 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
     """
     from tqdm.auto import tqdm
 
-    from geolink.graph.io import save_graph, save_vocabulary
-
     out = Path(out)
     (out / "tiles").mkdir(parents=True, exist_ok=True)
-    index_i, count = shard
-    suffix = "" if count == 1 else f".shard-{index_i}-of-{count}"
-    vocab_name, index_path = f"vocab{suffix}", out / f"index{suffix}.jsonl"
+    vocab_name, index_path = f"vocab{shard.suffix}", out / f"index{shard.suffix}.jsonl"
     names = [t.name for t in tiles]
     if len(set(names)) != len(names):
-        raise ValueError("tile names must be unique (they are the file names)")
+        raise InputError("tile names must be unique (they are the file names)")
     done = set()
     if index_path.is_file():
         with open(index_path, encoding="utf-8") as handle:
             done = {json.loads(line)["name"] for line in handle if line.strip()}
     vocab_path = out / f"{vocab_name}.json"
     vocabulary = TagVocabulary.load(vocab_path) if vocab_path.is_file() else TagVocabulary()
-    todo = [k for k in range(index_i, len(tiles), count) if tiles[k].name not in done]
-    summary = {"tiles": len(range(index_i, len(tiles), count)), "built": 0, "skipped": len(range(index_i, len(tiles),
-                                                                                                  count)) - len(todo),
-               "nodes": 0, "out": str(out)}
+    mine = shard.positions(len(tiles))
+    todo = [k for k in mine if tiles[k].name not in done]
+    summary = {"tiles": len(mine), "built": 0, "skipped": len(mine) - len(todo), "nodes": 0, "out": str(out)}
     _WORKER.update(region=region, builder=builder, tiles=tiles)
     pool = None
     if workers > 1 and len(todo) > 1:
@@ -308,79 +417,132 @@ def iter_tile_features(region: RegionIndex, tiles: Iterable[Tile]) -> Iterator[t
         yield tile, region.features_in(_tile_query_box(tile, region.crs))
 
 
-def _csv_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+@dataclass
+class BuildGraphsConfig:
+    """Cut a region into tiles and write each tile's OSM graph (DESIGN §3, compact safetensors) plus the shared tag
+    vocabulary (and its embedding table with text_model) and an index. Rerunning skips finished tiles; shard i/n
+    splits the tiles between machines."""
+
+    out: Path = field(metadata={"help": "output folder"})
+    pbf: Path | None = field(default=None, metadata={"help": "OpenStreetMap extract (.osm.pbf / .osm)"})
+    vector: Path | None = field(default=None, metadata={
+        "help": "vector file with tags (GeoJSON; .gpkg/.shp/... need geolink[geo])"})
+    merge_shards: bool = field(default=False, metadata={
+        "help": "after all shard runs finished: merge their vocabularies into one for the folder"})
+    tile_size: TileSize | None = field(default=None, metadata={
+        "help": "tile side, e.g. 200m, 1km or 0.002deg (default 200m)"})
+    grid: tuple[int, int] | None = field(default=None, metadata={
+        "help": "split the bbox into ROWS x COLS equal tiles, e.g. 6 4", "metavar": ("ROWS", "COLS")})
+    footprints: tuple[Path, ...] | None = field(default=None, metadata={
+        "help": "GeoTIFF images (or a JSON list of [w, s, e, n] bboxes): one tile per image footprint"})
+    bbox: tuple[float, float, float, float] | None = field(default=None, metadata={
+        "help": "region west south east north, in degrees with pbf, else in crs (default: the data's extent)",
+        "metavar": ("WEST", "SOUTH", "EAST", "NORTH")})
+    crs: str = field(default="EPSG:4326", metadata={"help": "tile CRS"})
+    text_model: str | None = field(default=None, metadata={
+        "help": "Hugging Face text model folder or Hub id; stores the embedding table (without it only the "
+                "vocabulary is stored)"})
+    pooling: str = field(default="official", metadata={"help": f"tag pooling: {', '.join(POOLINGS)}"})
+    text_cache: Path | None = field(default=None, metadata={"help": "folder for the on-disk tag embedding cache"})
+    tag_weights: str = field(default="official", metadata={
+        "help": "key-frequency JSON, or official for the table shipped with geolink"})
+    keys: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "OSM keys to keep (default: keys of the frequency table)"})
+    deny_keys: tuple[str, ...] | None = field(default=None, metadata={"help": "OSM keys to drop"})
+    workers: int = field(default=1, metadata={"help": "processes for the geometry work"})
+    shard: TileShard | None = field(default=None, metadata={
+        "help": "i/n: build only the tiles k with k mod n = i (e.g. $SLURM_ARRAY_TASK_ID/8)"})
+    device: str = field(default="auto", metadata={"help": "text model device (auto: cuda if available)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.pbf = Path(self.pbf) if self.pbf is not None else None
+        self.vector = Path(self.vector) if self.vector is not None else None
+        self.text_cache = Path(self.text_cache) if self.text_cache is not None else None
+        if self.footprints is not None:
+            self.footprints = tuple(Path(p) for p in self.footprints)
+        sources = [name for name in ("pbf", "vector", "merge_shards") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ConfigError(f"pass exactly one of pbf, vector and merge_shards (got {', '.join(sources) or 'none'})")
+        tiling = [name for name in ("tile_size", "grid", "footprints") if getattr(self, name) is not None]
+        if len(tiling) > 1:
+            raise ConfigError(f"pass at most one of tile_size, grid and footprints (got {', '.join(tiling)})")
+        if self.grid is not None:
+            self.grid = tuple(self.grid)
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ConfigError(f"grid must be two positive integers (rows, columns), got {self.grid}")
+        if self.footprints is not None and not self.footprints:
+            raise ConfigError("footprints is empty: pass GeoTIFF images or one JSON file of bboxes")
+        if self.bbox is not None:
+            try:
+                self.bbox = check_bbox(self.bbox, "EPSG:4326" if self.pbf else self.crs)
+            except InputError as err:
+                raise ConfigError(f"bbox: {err}") from None
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+
+    def tag_filter(self) -> TagFilter:
+        """The key filter of ``keys`` / ``deny_keys``."""
+        return TagFilter(allow=frozenset(self.keys) if self.keys else None, deny=frozenset(self.deny_keys or ()))
 
 
-def build_graphs_command(pbf: str | None = None, vector: str | None = None, out: str = "graphs",
-                         tile_size: str | None = None, grid: str | None = None, footprints: Sequence[str] | None = None,
-                         bbox: str | Sequence[float] | None = None, crs: str = "EPSG:4326",
-                         text_model: str | None = None, pooling: str = "official", text_cache: str | None = None,
-                         tag_weights: str = "official", keys: str | None = None, deny_keys: str | None = None,
-                         workers: int = 1, shard: str | None = None, device: str | None = None,
-                         progress: bool = True) -> dict[str, Any]:
-    """Everything ``geolink build-graphs`` does: read, tile, build, store. Returns :func:`build_tiles`'s summary
-    plus timings and peak memory (see the CLI help for the arguments)."""
+def _footprint_tiles(footprints: Sequence[Path], crs: str) -> list[Tile]:
+    if len(footprints) == 1 and footprints[0].name.lower().endswith(".json"):
+        with open(require_file(footprints[0], "footprints file"), encoding="utf-8") as handle:
+            return footprint_tiles(json.load(handle), crs)
+    return footprint_tiles(footprints, crs)
+
+
+def build_graphs(config: BuildGraphsConfig) -> dict[str, Any]:
+    """The ``geolink build-graphs`` job: read, tile, build, store (or, with ``merge_shards``, :func:`merge_shards`).
+
+    Returns:
+        :func:`build_tiles`'s summary plus features read, timings and peak memory.
+
+    Raises:
+        MissingInputError: an input file does not exist.
+        InputError: the input has no feature with a kept tag and no bbox was given.
+    """
     import resource
     import time
 
-    from geolink.graph.io import read_features, read_osm
-    from geolink.graph.tags import TagFilter
-
+    progress = not config.quiet
+    if config.merge_shards:
+        return merge_shards(config.out, progress=progress)
     start = time.perf_counter()
-    shard_spec = parse_shard(shard)
-    tag_filter = TagFilter(allow=frozenset(keys.split(",")) if keys else None,
-                           deny=frozenset(deny_keys.split(",")) if deny_keys else frozenset())
-    region_bbox = tuple(_csv_floats(bbox, "--bbox")) if isinstance(bbox, str) else bbox
-    if region_bbox is not None:
-        check_bbox(region_bbox, "EPSG:4326" if pbf else crs)
-    if pbf:
-        features, data_crs = list(read_osm(pbf, bbox=region_bbox, tag_filter=tag_filter, key_frequency=tag_weights,
-                                           progress=progress)), "EPSG:4326"
-    elif vector:
-        features, data_crs = read_features(vector)
-        data_crs = data_crs or crs
+    keep = config.tag_filter()
+    # one reprojection for the whole region, not per tile (footprint tiles each keep their own CRS)
+    region = read_region(config.pbf, config.vector, crs=config.crs, bbox=config.bbox,
+                         to_crs=None if config.footprints else config.crs, tag_filter=keep,
+                         tag_weights=config.tag_weights, progress=progress)
+    if config.footprints:
+        tiles = _footprint_tiles(config.footprints, config.crs)
     else:
-        raise ValueError("pass --pbf or --vector")
-    if not footprints and data_crs != crs and features:  # one reprojection for the whole region, not per tile
-        from geolink.graph.io import reproject
-
-        geoms = reproject(np.array([g for g, _ in features], dtype=object), data_crs, crs)
-        features, data_crs = list(zip(geoms, (t for _, t in features), strict=True)), crs
-        if region_bbox is not None:
-            region_bbox = tuple(shapely.bounds(reproject(np.array([shapely.box(*region_bbox)], dtype=object),
-                                                         "EPSG:4326", crs)[0])) if pbf else region_bbox
-    region = RegionIndex(features, data_crs)
-    if footprints:
-        if len(footprints) == 1 and footprints[0].lower().endswith(".json"):
-            with open(footprints[0], encoding="utf-8") as handle:
-                tiles = footprint_tiles(json.load(handle), crs)
-        else:
-            tiles = footprint_tiles(footprints, crs)
-    else:
+        region_bbox = config.bbox
+        if region_bbox is not None and config.pbf is not None:
+            region_bbox = reproject_bbox(region_bbox, "EPSG:4326", config.crs)
         if region_bbox is None:
             if len(region) == 0:
-                raise ValueError("no features with kept tags in the input; check --keys / --tag-weights")
+                raise InputError("no features with kept tags in the input; check keys / tag_weights")
             region_bbox = region.bounds  # already in the tile CRS (reprojected above)
-        if grid:
-            match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", grid)
-            if not match:
-                raise ValueError(f"--grid must be ROWSxCOLS, e.g. 6x4, got {grid!r}")
-            tiles = grid_tiles(region_bbox, shape=(int(match.group(1)), int(match.group(2))), crs=crs)
+        if config.grid is not None:
+            tiles = grid_tiles(region_bbox, shape=config.grid, crs=config.crs)
         else:
-            tiles = grid_tiles(region_bbox, tile_size=tile_size or "200m", crs=crs)
+            tiles = grid_tiles(region_bbox, tile_size=config.tile_size or DEFAULT_TILE_SIZE, crs=config.crs)
     encoder = None
-    if text_model:
+    if config.text_model:
         from geolink.graph.text import TagEncoder
 
-        encoder = TagEncoder(text_model, pooling=pooling, device=device, cache_dir=text_cache)
-    builder = OSMGraphBuilder(None, tag_weights=tag_weights, tag_filter=tag_filter if keys or deny_keys else "auto")
+        encoder = TagEncoder(config.text_model, pooling=config.pooling, device=config.device,
+                             cache_dir=config.text_cache)
+    builder = OSMGraphBuilder(None, tag_weights=config.tag_weights,
+                              tag_filter=keep if config.keys or config.deny_keys else "auto")
     read_s = time.perf_counter() - start
-    summary = build_tiles(region, tiles, out, builder, tag_encoder=encoder, shard=shard_spec, workers=workers,
-                          progress=progress)
+    summary = build_tiles(region, tiles, config.out, builder, tag_encoder=encoder, shard=config.shard or TileShard(),
+                          workers=config.workers, progress=progress)
     total = time.perf_counter() - start
     summary.update(features=len(region), read_s=round(read_s, 3), total_s=round(total, 3),
                    tiles_per_s=round(summary["built"] / max(total - read_s, 1e-9), 2),
@@ -389,7 +551,7 @@ def build_graphs_command(pbf: str | None = None, vector: str | None = None, out:
 
 
 def merge_shards(out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Merge the per-shard vocabularies of a folder built with ``--shard i/n`` into the single ``vocab`` the
+    """Merge the per-shard vocabularies of a folder built with ``shard=TileShard(i, n)`` into the single ``vocab`` the
     unsharded layout uses: tile ids are remapped, tables concatenated, shard index/vocabulary files removed.
 
     Run it once every shard has finished. Idempotent: a folder without shard files is left as it is.
@@ -399,8 +561,6 @@ def merge_shards(out: str | Path, progress: bool = True) -> dict[str, Any]:
     """
     import torch
     from tqdm.auto import tqdm
-
-    from geolink.graph.io import load_graph, load_table, save_graph, save_vocabulary
 
     out = Path(out)
     indexes = sorted(out.glob("index.shard-*.jsonl"))

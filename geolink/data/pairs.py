@@ -1,63 +1,28 @@
-"""Image–OSM pair datasets and the collate that batches them for the models.
+"""Image–OSM pair datasets over the sharded format, and the collate that batches pairs for the models.
 
-A pair is ``(image [C, H, W] float, graph HeteroData)`` following ``geolink.graph.schema``. ``collate_pairs`` stacks
-images and batches graphs into one PyG ``Batch``. ``OfficialPairFolder`` reads the official example layout
-(``img/<name>.png`` + ``graph/<name>.safetensors`` in the official graph layout), as the UFZ samples ship.
-``PairShards`` (map-style) and ``StreamingPairShards`` (iterable, split across DDP ranks and DataLoader workers)
-read the sharded format of :mod:`geolink.data.shards`: decode the stored image bytes, apply a joint augmentation
-(:mod:`geolink.data.transforms`), normalise, and materialise ``x`` from the dataset's embedding table.
+A pair is ``(image [C, H, W] float, graph HeteroData)`` following ``geolink.graph.schema``. :func:`collate_pairs`
+stacks images and batches graphs into one PyG ``Batch``. :class:`PairShards` (map-style) and
+:class:`StreamingPairShards` (iterable, split across DDP ranks and DataLoader workers) read the sharded format of
+:mod:`geolink.data.shards`: decode the stored image bytes, apply a joint augmentation (:mod:`geolink.data.transforms`),
+normalise (:func:`geolink.runtime.normalise`), and compute ``x`` from the dataset's embedding table. Folder datasets
+(graph folders, the official example layout) live in :mod:`geolink.data.folders`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch_geometric.data import Batch, HeteroData
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def image_to_tensor(path: str | Path, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-                    ) -> torch.Tensor:
-    """Read an RGB image file as a normalised float tensor ``[3, H, W]``."""
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-class OfficialPairFolder(Dataset):
-    """Pairs in the official example layout: ``<root>/img/<name>.png`` and ``<root>/graph/<name>.safetensors``.
-
-    Args:
-        root: the folder holding ``img/`` and ``graph/``.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        from geolink.convert import load_official_graph
-
-        self.root = Path(root)
-        images = {p.stem: p for p in sorted((self.root / "img").glob("*.png"))}
-        graphs = {p.stem: p for p in sorted((self.root / "graph").glob("*.safetensors"))}
-        self.names = sorted(set(images) & set(graphs))
-        if not self.names:
-            raise FileNotFoundError(f"{self.root} has no img/<name>.png with a matching graph/<name>.safetensors")
-        self._images = [images[n] for n in self.names]
-        self._graphs = [load_official_graph(graphs[n]) for n in self.names]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, HeteroData]:
-        return image_to_tensor(self._images[index]), self._graphs[index]
+from geolink.data.shards import PairShardReader, decode_image
+from geolink.data.transforms import default_eval_transform, default_train_transform
+from geolink.errors import DataError, InputError
+from geolink.graph.storage import graph_from_tensors
+from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, normalise, rank_and_world, sample_seed
 
 
 def collate_pairs(pairs: Sequence[tuple[torch.Tensor, HeteroData]]) -> tuple[torch.Tensor, Batch]:
@@ -66,41 +31,29 @@ def collate_pairs(pairs: Sequence[tuple[torch.Tensor, HeteroData]]) -> tuple[tor
     return torch.stack(images), Batch.from_data_list(list(graphs))
 
 
-# ---------------------------------------------------------------------------------------------- sharded pairs
-
-
 def _resolve_transform(transform: Any, img_size: int) -> Any:
-    from geolink.data.transforms import default_eval_transform, default_train_transform
-
     if isinstance(transform, str):
         if transform == "train":
             return default_train_transform(img_size)
         if transform == "eval":
             return default_eval_transform(img_size)
-        raise ValueError(f"transform must be 'train', 'eval', None or a JointTransform, got {transform!r}")
+        raise InputError(f"transform must be 'train', 'eval', None or a JointTransform, got {transform!r}")
     return transform
 
 
-def _sample_seed(seed: int, index: int, draw: int) -> int:
-    return ((seed * 1_000_003 + index) * 1_000_033 + draw) % (2**63 - 1)
-
-
 class _PairDecoder:
-    """What both shard datasets do to one stored sample: decode, augment, normalise, materialise ``x``."""
+    """What both shard datasets do to one stored sample (whose graph already has ``x`` from :meth:`table`): decode
+    the image, augment image and graph jointly, normalise."""
 
     def __init__(self, root: str | Path, transform: Any, img_size: int, seed: int | None, tag_encoder: Any,
                  mean: Sequence[float] | None, std: Sequence[float] | None,
                  storage_options: Mapping[str, Any] | None) -> None:
-        from geolink.data.shards import PairShardReader
-
         self.reader = PairShardReader(root, storage_options)
         self.transform = _resolve_transform(transform, img_size)
         self.seed = seed
         index = self.reader.index
-        self.mean = torch.tensor(list(mean or index.get("mean") or IMAGENET_MEAN), dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(list(std or index.get("std") or IMAGENET_STD), dtype=torch.float32).view(-1, 1, 1)
-        self._scale, self._shift = 1.0 / self.std, -self.mean / self.std
-        self._scale_u8 = self._scale / 255.0
+        self.mean = tuple(mean or index.get("mean") or IMAGENET_MEAN)
+        self.std = tuple(std or index.get("std") or IMAGENET_STD)
         self.tag_encoder = tag_encoder
         self._table: torch.Tensor | None = None
 
@@ -115,20 +68,11 @@ class _PairDecoder:
 
     def decode(self, image_bytes: bytes | memoryview, graph: HeteroData, name: str, seed: int | None
                ) -> tuple[torch.Tensor, HeteroData]:
-        from geolink.data.shards import decode_image
-        from geolink.graph.io import materialize_x
-        from geolink.graph.schema import NODE_TYPES
-
         image = decode_image(image_bytes, name)  # uint8 [3, H, W]: transforms crop before converting to float
         if self.transform is not None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image, graph = self.transform(image, graph, generator)
-        if image.dtype == torch.uint8:  # (x / 255 - mean) / std as one multiply-add
-            image = torch.addcmul(self._shift, image.float(), self._scale_u8)
-        else:
-            image = torch.addcmul(self._shift, image.float(), self._scale)
-        if "tags" in graph[NODE_TYPES[0]]:
-            materialize_x(graph, self.table(), drop_compact=True)  # x carries the tags now (and Batch needs it)
+        image = normalise(image.float() / 255.0 if image.dtype == torch.uint8 else image.float(), self.mean, self.std)
         graph.name = name
         return image.contiguous(), graph
 
@@ -161,7 +105,7 @@ class PairShards(Dataset):
         self.reader = self._decoder.reader
         self.names = self.reader.names
         if not self.names:
-            raise ValueError(f"{root} holds no pairs")
+            raise DataError(f"{root} holds no pairs")
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -179,18 +123,8 @@ class PairShards(Dataset):
         index, draw = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
         k, j = self.reader.locate(index)
         shard = self.reader.shard(k)
-        seed = None if self._decoder.seed is None else _sample_seed(self._decoder.seed, index % len(self), draw)
+        seed = None if self._decoder.seed is None else sample_seed(self._decoder.seed, index % len(self), draw)
         return self._decoder.decode(shard.image_bytes(j), shard.graph(j, self._decoder.table()), shard.names[j], seed)
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return int(rank), int(world_size)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class StreamingPairShards(IterableDataset):
@@ -210,7 +144,7 @@ class StreamingPairShards(IterableDataset):
         seed: shuffle + augmentation seed.
         shuffle: shuffle shard order and samples (buffer); False streams in stored order.
         buffer_size: samples held by the shuffle buffer (compact, undecoded: ~tens of kB each).
-        rank: this process's rank (default: ``torch.distributed`` if initialised, else ``$RANK`` or 0).
+        rank: this process's rank (default: :func:`geolink.runtime.rank_and_world`).
         world_size: number of processes (default: as ``rank``).
         tag_encoder: as :class:`PairShards`.
         mean: as :class:`PairShards`.
@@ -241,7 +175,7 @@ class StreamingPairShards(IterableDataset):
         """``(shard, sample filter)`` pairs reader ``slot`` of ``slots`` reads, in order (filter None = all)."""
         order = list(range(len(self.reader.shards)))
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, 0))
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
             order = torch.randperm(len(order), generator=generator).tolist()
         if len(order) >= slots:
             return [(k, None) for k in order[slot::slots]]
@@ -257,19 +191,18 @@ class StreamingPairShards(IterableDataset):
                 yield first + j, bytes(shard.image_bytes(j)), shard.graph_arrays(j), shard.crs[j], shard.names[j]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, HeteroData]]:
-        from geolink.data.shards import graph_from_tensors
-
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        rank, world = _rank_world(self.rank, self.world_size)
+        rank, world = ((int(self.rank), int(self.world_size)) if self.rank is not None and self.world_size is not None
+                       else rank_and_world())
         slot, slots = rank * workers + worker_id, world * workers
-        generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, slot + 1))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, slot + 1))
         buffer: list[tuple[int, bytes, dict, str, str]] = []
 
         def emit(item: tuple[int, bytes, dict, str, str]) -> tuple[torch.Tensor, HeteroData]:
             index, data, tensors, crs, name = item
             return self._decoder.decode(data, graph_from_tensors(tensors, crs, self._decoder.table()), name,
-                                        _sample_seed(self.seed, index, self.epoch))
+                                        sample_seed(self.seed, index, self.epoch))
 
         for item in self._compact(slot, slots):
             if not self.shuffle:
