@@ -4,6 +4,7 @@ Public API (imported on first use, so ``import geolink`` and ``geolink --help`` 
 
     import geolink
     model = geolink.create_model("geolink_vit_large_patch16_224", component="fusion")
+    model = geolink.create_model("geolink_tiny", osm={"text_dim": 512})     # overrides: section dicts
     geolink.list_models(), geolink.list_pretrained()
 """
 
@@ -26,6 +27,7 @@ _EXPORTS = {
     "list_models": "geolink.registry",
     "list_pretrained": "geolink.registry",
     "load_model": "geolink.registry",
+    "nest_overrides": "geolink.registry",
     "register_pretrained": "geolink.registry",
 }
 

@@ -1,24 +1,25 @@
-"""Conversion of the official GeoLink research checkpoints and graphs into geolink models and graphs.
+"""Conversion of the official GeoLink research checkpoints into geolink models (graphs: ``geolink.graph.official``).
 
 Official checkpoints are ``.pth`` files holding ``{"model_config": {...}, "model_state_dict": {...}}`` (DESIGN §6).
 They are read with ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain
 containers, so a crafted file cannot run code. ``official_to_geolink`` is the single filter function that renames
 official keys; every width is inferred from tensor shapes and checked against the timm architecture named in the
-file, and loading is strict.
+file, and loading is strict. The ``geolink convert`` job is :class:`ConvertConfig` → :func:`convert`.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch_geometric.data import HeteroData
 
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
+from geolink.errors import ConfigError, InputError, MissingInputError
 from geolink.hub import load_state_dict_checked
+from geolink.models import COMPONENTS, Component, extract_component
 from geolink.models.image import GeoLinkImageEncoder
 from geolink.models.pretrain import GeoLinkForPretraining
 
@@ -59,7 +60,7 @@ _DROPPED = ("img_encoder.cls_token", "img_encoder.pos_embed", "img_encoder.norm.
             "rec_img_pos_embed", "fusion_img_pos_embed")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(InputError):
     """An official checkpoint that geolink cannot convert (unsafe, corrupt or of an unknown layout)."""
 
 
@@ -72,7 +73,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path}")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -149,6 +150,10 @@ def infer_official_config(model_config: dict[str, Any], state_dict: dict[str, to
                           path: str | Path = "<state dict>") -> dict[str, Any]:
     """``GeoLinkForPretraining`` kwargs of an official multimodal checkpoint, widths read from tensor shapes.
 
+    Returns:
+        The nested form of an architecture JSON: ``{"image": {...}, "osm": {...}, "fusion": {...}, **pretraining}``
+        (``GeoLinkForPretraining(**config)`` builds the model).
+
     Attention head counts are not visible in shapes; the official defaults (16 for the decoder and the fusion
     block) are used, and the ViT's come from the timm architecture named in ``model_config``.
     """
@@ -162,20 +167,26 @@ def infer_official_config(model_config: dict[str, Any], state_dict: dict[str, to
     if conv_key is None:
         raise OfficialCheckpointError(f"{path} has no osm_encoder GATConv weights (osm_encoder.convs.0.convs.*)")
     config = {
-        "trunk": model_config.get("architecture") or _guess_trunk(state_dict, path),
-        "img_size": grid * patch_size,
-        "in_chans": in_chans,
-        "text_dim": state_dict["osm_mask_token.point"].shape[1],
-        "osm_dim": state_dict[conv_key].shape[0],
-        "type_weighting": "sum",
-        "fusion_dim": state_dict["img_fusion_mlp.weight"].shape[0],
-        "fusion_depth": _count_blocks(state_dict, "osm_cross_modal_encoder."),
+        "image": {
+            "trunk": model_config.get("architecture") or _guess_trunk(state_dict, path),
+            "img_size": grid * patch_size,
+            "in_chans": in_chans,
+        },
+        "osm": {
+            "text_dim": state_dict["osm_mask_token.point"].shape[1],
+            "osm_dim": state_dict[conv_key].shape[0],
+            "type_weighting": "sum",
+        },
+        "fusion": {
+            "dim": state_dict["img_fusion_mlp.weight"].shape[0],
+            "depth": _count_blocks(state_dict, "osm_cross_modal_encoder."),
+        },
         "decoder_dim": state_dict["img_decoder_mlp.weight"].shape[0],
         "decoder_depth": _count_blocks(state_dict, "img_cross_modal_decoder."),
         "projection_dim": state_dict["img_consistency_prj.weight"].shape[0],
     }
-    _check_trunk(config["trunk"], state_dict["cls_token"].shape[-1], _count_blocks(state_dict, "img_encoder.blocks."),
-                 patch_size, path)
+    _check_trunk(config["image"]["trunk"], state_dict["cls_token"].shape[-1],
+                 _count_blocks(state_dict, "img_encoder.blocks."), patch_size, path)
     return config
 
 
@@ -230,75 +241,47 @@ def load_official_checkpoint(path: str | Path) -> GeoLinkForPretraining | GeoLin
         target, tensors = model.trunk, state_dict
     try:
         load_state_dict_checked(target, tensors, source=str(path))
-    except ValueError as error:
+    except ConfigError as error:
         raise OfficialCheckpointError(str(error)) from None
     return model.eval()
 
 
-def graph_from_official(official: HeteroData, text_dim: int | None = None) -> HeteroData:
-    """An official-layout graph -> a geolink graph (DESIGN §3).
+@dataclass
+class ConvertConfig:
+    """Convert an official GeoLink release checkpoint (multimodal or unimodal ViT .pth) into a geolink folder that
+    `from_pretrained`, `geolink.load_model` and (for image encoders) `timm.create_model('local-dir:<dir>',
+    pretrained=True)` load. The file is read with torch.load(weights_only=True): pickled code is refused, never run.
+    """
 
-    Official node features are ``[N, text_dim + 2A]``: tag features, then the A anchors flattened as (u, v) pairs.
-    Edge types the official graph lacks become empty ones; ``edge_attr`` is kept (same vocabularies).
+    checkpoint: Path = field(metadata={"help": "official .pth file", "positional": True})
+    out_dir: Path = field(metadata={"help": "output folder (created)", "positional": True})
+    component: Component | None = field(
+        default=None, metadata={"help": "save only this component (default: everything the file holds)"})
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "also upload the folder to this Hugging Face Hub repo (needs network and a "
+                                        "token)", "metavar": "REPO_ID"})
 
-    Args:
-        official: ``HeteroData`` with ``x`` per node type and ``edge_index``/``edge_attr`` per edge type.
-        text_dim: tag feature width; inferred from the widths when None.
+
+def convert(config: ConvertConfig) -> Path:
+    """Run the ``geolink convert`` job: load the official file, keep the requested component, save it (and push it).
 
     Returns:
-        A new graph; ``official`` is not modified.
+        The output folder.
+
+    Raises:
+        OfficialCheckpointError: see :func:`load_official_checkpoint`.
+        InputError: the file holds no such component (e.g. ``osm`` from a unimodal ViT file).
     """
-    graph = HeteroData()
-    for node_type in NODE_TYPES:
-        if node_type not in official.node_types:
-            raise ValueError(f"official graph has no {node_type!r} nodes at all (not even an empty [0, D] x)")
-        x = official[node_type].x
-        anchors = NUM_ANCHORS[node_type]
-        width = x.shape[1] - 2 * anchors if text_dim is None else text_dim
-        if width <= 0 or x.shape[1] != width + 2 * anchors:
-            raise ValueError(f"official {node_type} features have width {x.shape[1]}; expected text_dim + "
-                             f"{2 * anchors} anchor coordinates")
-        graph[node_type].x = x[:, :width].float().clone()
-        graph[node_type].pos = x[:, width:].float().reshape(-1, anchors, 2).clone()
-    for edge_type in EDGE_TYPES:
-        num_relations = len(RELATIONS[edge_type])
-        if edge_type in official.edge_types:
-            store = official[edge_type]
-            edge_index = store.edge_index.long().clone()
-            edge_attr = store.get("edge_attr")
-            edge_attr = (edge_attr.float().clone() if edge_attr is not None
-                         else torch.zeros(edge_index.shape[1], num_relations))
-            if edge_attr.shape != (edge_index.shape[1], num_relations):
-                raise ValueError(f"official {edge_type_name(edge_type)} edge_attr has shape {tuple(edge_attr.shape)}, "
-                                 f"expected [{edge_index.shape[1]}, {num_relations}]")
-        else:
-            edge_index, edge_attr = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, num_relations)
-        graph[edge_type].edge_index = edge_index
-        graph[edge_type].edge_attr = edge_attr
-    graph.bbox = torch.full((1, 4), float("nan"), dtype=torch.float64)
-    graph.crs = "EPSG:4326"
-    return graph
+    model = load_official_checkpoint(config.checkpoint)
+    if config.component is not None and not isinstance(model, COMPONENTS[config.component]):
+        extracted = extract_component(model, config.component)
+        if extracted is None:
+            raise InputError(f"{config.checkpoint} holds a {type(model).__name__}, which has no "
+                             f"{Component(config.component).value!r} component (choose another component)")
+        model = extracted
+    model.save_pretrained(config.out_dir)
+    print(f"converted {config.checkpoint} -> {config.out_dir} ({type(model).__name__})")
+    if config.push_to_hub:
+        print(f"pushed to {model.push_to_hub(config.push_to_hub)}")
+    return Path(config.out_dir)
 
-
-def official_graph_from_tensors(tensors: dict[str, torch.Tensor], prefix: str = "") -> HeteroData:
-    """Rebuild an official-layout ``HeteroData`` from flat tensors (``<type>.x``,
-    ``<src>__to__<dst>.edge_index``/``.edge_attr``) as stored in safetensors files, optionally under ``prefix``."""
-    official = HeteroData()
-    for node_type in NODE_TYPES:
-        key = f"{prefix}{node_type}.x"
-        if key in tensors:
-            official[node_type].x = tensors[key]
-    for edge_type in EDGE_TYPES:
-        base = f"{prefix}{edge_type_name(edge_type)}"
-        if f"{base}.edge_index" in tensors:
-            official[edge_type].edge_index = tensors[f"{base}.edge_index"]
-            if f"{base}.edge_attr" in tensors:
-                official[edge_type].edge_attr = tensors[f"{base}.edge_attr"]
-    return official
-
-
-def load_official_graph(path: str | Path, prefix: str = "", text_dim: int | None = None) -> HeteroData:
-    """Read an official-layout graph stored as safetensors (e.g. the UFZ examples) as a geolink graph."""
-    import safetensors.torch
-
-    return graph_from_official(official_graph_from_tensors(safetensors.torch.load_file(str(path)), prefix), text_dim)

@@ -3,12 +3,14 @@
 Loads the embedded pretrained default (``geolink_tiny.demo``, shipped in the package), builds the OSM graph of a
 bundled official example tile with the graph builder (tag embeddings come from the embedding table shipped with the
 bundled pairs, so no text model is needed), runs the fusion encoder and writes three panels: the image, the OSM
-geometries and graph drawn over it, and a PCA (3 components → RGB) of the fused feature map.
+geometries and graph drawn over it, and a PCA (3 components → RGB) of the fused feature map. The job is
+:class:`DemoConfig` → :func:`run_demo`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ import shapely
 import torch
 from PIL import Image, ImageDraw
 from torch_geometric.data import Batch
+
+from geolink.errors import InputError
+from geolink.runtime import normalise
 
 ASSETS = Path(__file__).parent / "assets"
 TILES = ASSETS / "tiles"
@@ -31,11 +36,11 @@ def list_tiles() -> list[str]:
 
 def read_tile(name: str) -> tuple[Image.Image, list[tuple[shapely.Geometry, str]], tuple[float, ...]]:
     """The image, the ``(geometry, label)`` features and the bbox of a bundled tile."""
-    from geolink.graph.io import read_geojson
+    from geolink.graph.readers import read_geojson
 
     folder = TILES / name
     if not (folder / "meta.json").is_file():
-        raise ValueError(f"no bundled tile {name!r}; bundled tiles: {', '.join(list_tiles())}")
+        raise InputError(f"no bundled tile {name!r}; bundled tiles: {', '.join(list_tiles())}")
     bbox = tuple(json.loads((folder / "meta.json").read_text())["bbox_west_south_east_north"])
     features = []
     for node_type in ("polygon", "line", "point"):
@@ -50,7 +55,7 @@ def build_tile_graph(features, bbox):
     """The tile's graph with ``x`` from the shipped tag-embedding table (no text model)."""
     from geolink.data.shards import PairShardReader
     from geolink.graph import OSMGraphBuilder
-    from geolink.graph.io import materialize_x
+    from geolink.graph.storage import materialize_x
 
     pairs = PairShardReader(ASSETS / "pairs")
     vocabulary, table = pairs.vocabulary(), pairs.table()
@@ -58,7 +63,7 @@ def build_tile_graph(features, bbox):
     graph = OSMGraphBuilder(tag_weights="official").build(features, bbox=bbox, vocabulary=vocabulary,
                                                            materialize=False)
     if len(vocabulary) != known:
-        raise ValueError(f"tags {vocabulary.strings[known:]} are not in the bundled embedding table")
+        raise InputError(f"tags {vocabulary.strings[known:]} are not in the bundled embedding table")
     return materialize_x(graph, table, drop_compact=True)
 
 
@@ -104,18 +109,38 @@ def draw_graph(image: Image.Image, features, bbox, graph) -> Image.Image:
     return canvas
 
 
-def run_demo(out: str | Path = "geolink_demo.png", tile: str = DEFAULT_TILE) -> Path:
-    """Run the embedded model on a bundled tile and write the three-panel PNG; returns its path."""
-    import geolink
-    from geolink.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+@dataclass
+class DemoConfig:
+    """Offline demo: loads the embedded pretrained geolink_tiny.demo, builds the OSM graph of a bundled official
+    example tile, runs the fusion encoder and writes a PNG with the image, the OSM graph drawn over it and a PCA of
+    the fused features."""
 
-    image, features, bbox = read_tile(tile)
+    out: Path = field(default=Path("geolink_demo.png"), metadata={"help": "output PNG"})
+    tile: str = field(default=DEFAULT_TILE, metadata={"help": "bundled tile name (list_tiles lists them)"})
+    list_tiles: bool = field(default=False, metadata={"help": "print the bundled tile names instead of running"})
+
+    def __post_init__(self) -> None:
+        if not self.list_tiles and self.tile not in list_tiles():
+            raise InputError(f"no bundled tile {self.tile!r} (tile must be one of: {', '.join(list_tiles())})")
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run the embedded model on a bundled tile and write the three-panel PNG.
+
+    Returns:
+        The PNG written; with ``list_tiles``, the folder of the bundled tiles (their names are printed).
+    """
+    import geolink
+
+    if config.list_tiles:
+        print("\n".join(list_tiles()))
+        return TILES
+    image, features, bbox = read_tile(config.tile)
     graph = build_tile_graph(features, bbox)
     fusion = geolink.create_model("geolink_tiny.demo", pretrained=True, component="fusion").eval()
     size = fusion.image_encoder.img_size
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-    tensor = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
-        IMAGENET_STD).view(3, 1, 1)
+    tensor = normalise(torch.from_numpy(pixels).permute(2, 0, 1))
     with torch.no_grad():
         fused = fusion(tensor.unsqueeze(0), Batch.from_data_list([graph]))[-1][0]
     panel = (PANEL, round(PANEL * image.height / image.width))
@@ -124,9 +149,9 @@ def run_demo(out: str | Path = "geolink_demo.png", tile: str = DEFAULT_TILE) -> 
     sheet = Image.new("RGB", (3 * panel[0] + 20, panel[1]), (255, 255, 255))
     for index, picture in enumerate(panels):
         sheet.paste(picture, (index * (panel[0] + 10), 0))
-    out = Path(out)
+    out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     counts = ", ".join(f"{graph[t].num_nodes} {t}s" for t in ("polygon", "line", "point"))
-    print(f"tile {tile}: {counts}; fused map {tuple(fused.shape)}")
+    print(f"tile {config.tile}: {counts}; fused map {tuple(fused.shape)}\nwrote {out.resolve()}")
     return out

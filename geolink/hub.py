@@ -1,13 +1,14 @@
 """Hugging Face Hub glue: the save/load mixin every geolink model uses, strict loading, model cards.
 
-Every model saves ``config.json`` (its constructor kwargs) + ``model.safetensors`` + ``README.md`` (model card) and
-loads strictly: a missing, unexpected or mis-shaped tensor is an error naming the keys, never a silent partial load.
-Weights are only ever read with safetensors, never unpickled. The image encoder overrides the file layout so its
-folder is also a plain timm folder (see ``geolink.models.image``).
+Every model saves ``config.json`` (its constructor kwargs, nested sub-model sections complete) +
+``model.safetensors`` + ``README.md`` (model card) and loads strictly: a missing, unexpected or mis-shaped tensor is
+an error naming the keys, never a silent partial load. Weights are only ever read with safetensors, never unpickled.
+The image encoder overrides the file layout so its folder is also a plain timm folder (see ``geolink.models.image``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import safetensors.torch
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+
+from geolink.errors import ConfigError, MissingWeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -92,10 +95,15 @@ class GeoLinkHubMixin(
         """The module whose ``state_dict`` is the weight file (the image encoder stores its timm trunk)."""
         return self  # type: ignore[return-value]
 
+    def init_kwargs(self) -> dict[str, Any]:
+        """The constructor kwargs that rebuild this model (defaults included); a copy the caller may change.
+        Models holding sub-models replace their sections by the sub-models' own complete kwargs."""
+        return copy.deepcopy(dict(self._hub_mixin_config or {}))
+
     def hub_config(self) -> dict[str, Any]:
         """``config.json``: the constructor kwargs plus ``model_class``, which tells ``geolink.load_model`` (and
         the component extraction of ``create_model``) what the folder holds."""
-        return {**(self._hub_mixin_config or {}), "model_class": type(self).__name__}
+        return {**self.init_kwargs(), "model_class": type(self).__name__}
 
     def _save_pretrained(self, save_directory: Path) -> None:
         state_dict = {k: v.detach().contiguous() for k, v in self.weights_module().state_dict().items()}
@@ -119,7 +127,7 @@ class GeoLinkHubMixin(
         if os.path.isdir(model_id):
             weights_file = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(weights_file):
-                raise FileNotFoundError(f"{model_id} has no {WEIGHTS_NAME}: not a geolink model folder "
+                raise MissingWeightsError(f"{model_id} has no {WEIGHTS_NAME}: not a geolink model folder "
                                         "(save one with `model.save_pretrained(dir)`)")
         else:
             weights_file = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
@@ -155,6 +163,9 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch
         state_dict: tensors by key.
         source: where the tensors came from, for the error message.
         strict: refuse missing and unexpected keys (shape mismatches are always refused).
+
+    Raises:
+        ConfigError: the tensors do not fit the module built from the config.
     """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -169,7 +180,7 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
     if problems:
-        raise ValueError(f"weights in {source} do not match {type(module).__name__}'s config: " + "; ".join(problems)
+        raise ConfigError(f"weights in {source} do not match {type(module).__name__}'s config: " + "; ".join(problems)
                          + ". Check that config.json and the weights come from the same model.")
     module.load_state_dict(state_dict, strict=strict)
 

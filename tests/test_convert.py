@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,9 +11,11 @@ from torch_geometric.data import HeteroData
 
 import geolink
 from geolink.cli import main
-from geolink.convert import OfficialCheckpointError, graph_from_official, load_official_checkpoint
+from geolink.convert import ConvertConfig, OfficialCheckpointError, convert, load_official_checkpoint
+from geolink.errors import InputError, MissingInputError
+from geolink.graph.official import graph_from_official
 from geolink.graph.schema import EDGE_TYPES, validate_graph
-from geolink.models import GeoLinkFusionEncoder, GeoLinkImageEncoder
+from geolink.models import Component, GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
 
 
 class CodeOnLoad:
@@ -74,8 +77,9 @@ def test_something_that_is_not_a_checkpoint_is_refused(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(OfficialCheckpointError, match="neither an official GeoLink checkpoint"):
         load_official_checkpoint(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MissingInputError, match="no checkpoint at"):
         load_official_checkpoint(tmp_path / "absent.pth")
+    assert issubclass(OfficialCheckpointError, InputError)  # one line `error: ...` from the geolink command
 
 
 def test_the_alias_patch_embedding_is_what_the_official_model_ran_with(official_state, parity_dir):
@@ -116,3 +120,16 @@ def test_cli_converts_both_files_into_loadable_folders(parity_dir, tmp_path, cap
     assert isinstance(geolink.load_model(tmp_path / "vit"), GeoLinkImageEncoder)
     assert main(["convert", str(parity_dir / "geolink_vit_official_format.pth"), str(tmp_path / "x"),
                  "--component", "osm"]) == 2
+
+
+def test_convert_job_saves_the_requested_component_with_a_nested_config(parity_dir, tmp_path, capsys):
+    multimodal = parity_dir / "geolink_multimodal_official_format.pth"
+    out = convert(ConvertConfig(multimodal, tmp_path / "full"))
+    assert out == tmp_path / "full" and "GeoLinkForPretraining" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["image"]["trunk"] == "vit_tiny_patch16_224" and config["osm"]["type_weighting"] == "sum"
+    assert config["fusion"]["dim"] == 256 and config["decoder_dim"] == 128 and "text_dim" not in config
+    osm = convert(ConvertConfig(multimodal, tmp_path / "osm", component=Component.OSM))
+    assert isinstance(geolink.load_model(osm), GeoLinkOSMEncoder)
+    with pytest.raises(InputError, match="holds a GeoLinkImageEncoder, which has no 'osm' component"):
+        convert(ConvertConfig(parity_dir / "geolink_vit_official_format.pth", tmp_path / "x", component=Component.OSM))

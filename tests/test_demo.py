@@ -1,27 +1,60 @@
-"""The offline demo and the embedded pretrained default (``geolink_tiny.demo``)."""
+"""The offline demo and the embedded pretrained default (``geolink_tiny.demo``): registered, loadable, trained."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from torch_geometric.data import Batch
 
 import geolink
-from geolink.demo import DEFAULT_TILE, build_tile_graph, list_tiles, read_tile
+from geolink.data.pairs import PairShards, collate_pairs
+from geolink.demo import DEFAULT_TILE, TILES, DemoConfig, build_tile_graph, list_tiles, read_tile, run_demo
+from geolink.errors import InputError
 from geolink.graph.schema import validate_graph
+from geolink.registry import ASSETS_DIR
+
+DEMO = ASSETS_DIR / "geolink_tiny_demo"
 
 
 def test_embedded_default_is_registered_and_loads_strictly():
     tag = geolink.get_pretrained_tag("geolink_tiny.demo")
-    assert tag.text_dim == 384 and "example tiles" in tag.origin
+    assert tag.text_dim == 384 and "example tiles" in tag.origin and tag.holds == "GeoLinkForPretraining"
+    model = geolink.create_model("geolink_tiny.demo", pretrained=True)
+    assert isinstance(model, geolink.GeoLinkForPretraining) and not model.training  # heads included
     fusion = geolink.create_model("geolink_tiny.demo", pretrained=True, component="fusion")
     assert isinstance(fusion, geolink.GeoLinkFusionEncoder) and not fusion.training
-    card = (geolink.registry.ASSETS_DIR / "geolink_tiny_demo" / "README.md").read_text()
+    assert isinstance(geolink.load_model(DEMO, component="fusion"), geolink.GeoLinkFusionEncoder)
+    config = json.loads((DEMO / "config.json").read_text())
+    assert config["model_class"] == "GeoLinkForPretraining"
+    assert config["image"] == geolink.get_model_config("geolink_tiny")["image"] and config["osm"]["text_dim"] == 384
+
+
+def test_the_model_card_gives_the_commands_that_made_the_file():
+    card = (DEMO / "README.md").read_text()
     assert "five official GeoLink example tiles" in card and "ODbL" in card
+    assert "python examples/make_demo_model.py" in card and "GeoLinkForPretraining" in card
+    assert "data='bundled'" in card and "max_steps=300" in card and "seed=0" in card
+
+
+def test_the_embedded_weights_are_trained():
+    """On the bundled pairs (eval transform, fixed masks) the embedded model's pretraining losses are far below those
+    of a fresh initialisation of the same architecture: reconstruction, image-OSM contrast and node consistency."""
+    pairs = PairShards(ASSETS_DIR / "pairs", transform="eval", seed=0)
+    images, graphs = collate_pairs([pairs[i] for i in range(len(pairs))])
+    seeds = torch.arange(len(pairs))
+    torch.manual_seed(0)
+    fresh = geolink.create_model("geolink_tiny").eval()
+    trained = geolink.create_model("geolink_tiny.demo", pretrained=True)
+    with torch.no_grad():
+        ours, theirs = trained(images, graphs, sample_seeds=seeds), fresh(images, graphs, sample_seeds=seeds)
+    for term in ("loss_mae", "loss_contrastive", "loss_consistency"):
+        assert ours[term] < 0.8 * theirs[term], f"{term}: trained {ours[term]:.3f} vs fresh {theirs[term]:.3f}"
 
 
 def test_bundled_tiles_build_into_contract_graphs_without_a_text_model():
@@ -44,6 +77,13 @@ def test_embedded_model_gives_distinct_finite_fused_maps_for_different_tiles():
         maps = fusion(images, Batch.from_data_list(graphs))
     assert all(torch.isfinite(m).all() for m in maps)
     assert not torch.allclose(maps[-1][0], maps[-1][1])
+
+
+def test_demo_config_names_the_bundled_tiles(capsys):
+    with pytest.raises(InputError, match=f"no bundled tile 'nowhere' \\(tile must be one of: .*{DEFAULT_TILE}"):
+        DemoConfig(tile="nowhere")
+    assert run_demo(DemoConfig(list_tiles=True)) == TILES
+    assert capsys.readouterr().out.split() == list_tiles()
 
 
 def test_demo_command_runs_offline_and_writes_the_png(tmp_path):

@@ -23,7 +23,7 @@ from geolink.models.heads import (
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
-    return geolink.create_model("geolink_tiny", component="image", img_size=32)
+    return geolink.create_model("geolink_tiny", component="image", image={"img_size": 32})
 
 
 def test_neck_makes_a_pyramid():
@@ -69,7 +69,7 @@ def test_image_segmenter_on_a_timm_vit():
 
 
 def test_fusion_segmenter_uses_fusion_out_channels():
-    fusion = geolink.create_model("geolink_tiny", component="fusion", img_size=32)
+    fusion = geolink.create_model("geolink_tiny", component="fusion", image={"img_size": 32})
     model = FusionSegmenter(fusion, num_classes=6, channels=16).eval()
     assert model.head.in_channels == fusion.out_channels == [192, 192, 192, 128]
     graphs = Batch.from_data_list([empty_graph(384), empty_graph(384)])

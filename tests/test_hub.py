@@ -1,11 +1,10 @@
-"""Hub formats and the registry: save/load round trips, strict loading, model cards, offline cache, push_to_hub."""
+"""Hub formats: save/load round trips, strict loading, nested config.json, model cards, push_to_hub (the registry:
+``test_registry.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,8 @@ import torch
 from torch_geometric.data import Batch
 
 import geolink
-from geolink.graph.schema import RELATIONS, empty_graph
-from geolink.models import GeoLinkForPretraining, GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
-
-
-def small_graph(text_dim: int = 384, seed: int = 0):
-    """A random graph with a few nodes of every type and some edges (contract-valid)."""
-    generator = torch.Generator().manual_seed(seed)
-    graph = empty_graph(text_dim)
-    counts = {"polygon": 3, "line": 2, "point": 4}
-    for node_type, count in counts.items():
-        graph[node_type].x = torch.randn(count, text_dim, generator=generator)
-        graph[node_type].pos = torch.rand(count, graph[node_type].pos.shape[1], 2, generator=generator)
-    for edge_type, relations in RELATIONS.items():
-        src, _, dst = edge_type
-        edges = torch.stack([torch.randint(counts[src], (5,), generator=generator),
-                             torch.randint(counts[dst], (5,), generator=generator)])
-        graph[edge_type].edge_index = edges
-        graph[edge_type].edge_attr = torch.nn.functional.one_hot(torch.zeros(5, dtype=torch.long),
-                                                                 len(relations)).float()
-    return graph
+from geolink.errors import ConfigError, MissingWeightsError
+from geolink.models import GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
 
 
 def run_model(model: torch.nn.Module, images: torch.Tensor, graph) -> list[torch.Tensor]:
@@ -50,11 +31,11 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, graph) -> list[torch
 
 
 @pytest.mark.parametrize("component", ["image", "osm", "fusion", "pretraining"])
-def test_save_load_round_trip_is_exact(component, tmp_path):
+def test_save_load_round_trip_is_exact(component, tmp_path, synthetic_graphs):
     torch.manual_seed(0)
-    model = geolink.create_model("geolink_tiny", component=component, img_size=64).eval()
+    model = geolink.create_model("geolink_tiny", component=component, image={"img_size": 64}).eval()
     images = torch.randn(2, 3, 64, 64)
-    graph = Batch.from_data_list([small_graph(seed=1), small_graph(seed=2)])
+    graph = Batch.from_data_list(synthetic_graphs[:2])
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
     reloaded = type(model).from_pretrained(tmp_path)
@@ -72,7 +53,7 @@ def test_loading_is_strict_and_names_the_keys(tmp_path):
     del tensors["type_attention.bias"]
     tensors["surprise.weight"] = torch.zeros(1)
     safetensors.torch.save_file(tensors, str(weights))
-    with pytest.raises(ValueError, match=r"missing keys \(1\): type_attention.bias.*unexpected keys \(1\): surprise"):
+    with pytest.raises(ConfigError, match=r"missing keys \(1\): type_attention.bias.*unexpected keys \(1\): surprise"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
 
 
@@ -81,7 +62,7 @@ def test_mismatched_config_is_refused(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["osm_dim"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(ConfigError, match="shape mismatches"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
 
 
@@ -94,7 +75,7 @@ def test_corrupt_weights_file_is_refused(tmp_path):
 
 
 def test_a_folder_without_weights_gets_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+    with pytest.raises(MissingWeightsError, match="has no model.safetensors"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
 
 
@@ -143,81 +124,12 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
     assert uploaded["config"]["architecture"] == "vit_tiny_patch16_224"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# registry
-def test_registry_lists_architectures_and_tags():
-    assert {"geolink_vit_large_patch16_224", "geolink_tiny"} <= set(geolink.list_models())
-    assert "geolink_vit_large_patch16_224.neurips2025" in geolink.list_pretrained()
-    tag = geolink.get_pretrained_tag("geolink_vit_large_patch16_224.neurips2025")
-    assert tag.input_size == (3, 224, 224) and tag.text_dim == 512 and tag.license
-    config = geolink.get_model_config("geolink_vit_large_patch16_224")
-    assert config["trunk"] == "vit_large_patch16_224" and config["out_indices"] == [7, 11, 15, 23]
-    assert set(config) == set(GeoLinkForPretraining._hub_mixin_init_parameters) - {"self"}
-
-
-def test_create_model_components_and_overrides():
-    image = geolink.create_model("geolink_tiny", component="image", in_chans=4, img_size=64)
-    assert isinstance(image, GeoLinkImageEncoder) and image.in_chans == 4
-    osm = geolink.create_model("geolink_tiny", component="osm", text_dim=512)
-    assert isinstance(osm, GeoLinkOSMEncoder) and osm.text_dim == 512
-    with pytest.raises(TypeError, match="unknown config keys \\['txt_dim'\\]"):
-        geolink.create_model("geolink_tiny", txt_dim=512)
-    with pytest.raises(KeyError, match="unknown architecture 'geolink_huge'"):
-        geolink.create_model("geolink_huge")
-    with pytest.raises(ValueError, match="component must be one of"):
-        geolink.create_model("geolink_tiny", component="decoder")
-
-
-def test_create_model_from_a_config_json(tmp_path):
-    config = geolink.get_model_config("geolink_tiny")
-    config["fusion_dim"] = 64
-    path = tmp_path / "my_arch.json"
-    path.write_text(json.dumps(config))
-    fusion = geolink.create_model(path, component="fusion")
-    assert fusion.out_channels[-1] == 64
-
-
-def test_pretrained_components_are_extracted_from_a_saved_pretraining_model(tmp_path):
-    torch.manual_seed(0)
-    full = geolink.create_model("geolink_tiny", img_size=64)
-    full.save_pretrained(tmp_path)
-    image = geolink.create_model("geolink_tiny", pretrained=tmp_path, component="image")
-    assert isinstance(image, GeoLinkImageEncoder)
-    assert torch.equal(image.trunk.blocks[0].attn.qkv.weight, full.image_encoder.trunk.blocks[0].attn.qkv.weight)
-    image.save_pretrained(tmp_path / "image")
-    with pytest.raises(ValueError, match="has no 'fusion' component"):
-        geolink.load_model(tmp_path / "image", component="fusion")
-
-
-def test_pretrained_tag_loads_from_the_offline_hf_cache(tmp_path):
-    """A tag whose repo sits in the Hugging Face cache loads with HF_HUB_OFFLINE=1 and no network."""
-    torch.manual_seed(0)
-    encoder = geolink.create_model("geolink_tiny", component="osm")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--geolink-test--tiny-osm"
-    snapshot = repo / "snapshots" / commit
-    encoder.save_pretrained(snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    expected = encoder.type_attention.weight.detach().clone()
-    script = (
-        "import sys, torch, geolink\n"
-        "geolink.register_pretrained('geolink_tiny.cachetest', geolink.PretrainedTag("
-        "location='geolink-test/tiny-osm', holds='GeoLinkOSMEncoder'))\n"
-        "m = geolink.create_model('geolink_tiny.cachetest', pretrained=True, component='osm')\n"
-        "print(type(m).__name__, m.type_attention.weight.sum().item())\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    name, total = result.stdout.split()
-    assert name == "GeoLinkOSMEncoder" and abs(float(total) - expected.sum().item()) < 1e-6
-
-
-def test_a_tag_missing_from_the_offline_cache_explains_what_to_do(tmp_path):
-    script = ("import geolink\n"
-              "geolink.create_model('geolink_vit_large_patch16_224.neurips2025', pretrained=True)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "geolink convert" in result.stderr and "Hugging Face cache" in result.stderr
+def test_saved_config_holds_complete_nested_sections(tmp_path):
+    fusion = geolink.create_model("geolink_tiny", component="fusion", image={"img_size": 64})
+    fusion.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    architecture = geolink.get_model_config("geolink_tiny")
+    assert config == {"image": {**architecture["image"], "img_size": 64}, "osm": architecture["osm"],
+                      **architecture["fusion"], "model_class": "GeoLinkFusionEncoder"}
+    reloaded = GeoLinkFusionEncoder.from_pretrained(tmp_path)
+    assert reloaded.init_kwargs() == fusion.init_kwargs()

@@ -19,13 +19,11 @@ import torch
 from torch_geometric.data import Batch
 
 from geolink.convert import (
-    graph_from_official,
     infer_official_config,
     load_official_checkpoint,
-    load_official_graph,
-    official_graph_from_tensors,
     official_to_geolink,
 )
+from geolink.graph.official import graph_from_official, load_official_graph, official_graph_from_tensors
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, validate_graph
 from geolink.models import GeoLinkForPretraining, GeoLinkImageEncoder
 
@@ -126,8 +124,14 @@ def test_converted_folder_reproduces_parity(official, tmp_path):
     assert_parity(maps[-1], official["expected"][f"fusion.{len(layers) - 1}"], "reloaded fused map")
 
 
+UFZ_SAMPLES = 6  # urban-functional-zone samples in ../shared/data/official_examples/ufz (DESIGN §7)
+
+
 def test_ufz_graphs_convert_to_the_schema(shared):
-    for path in sorted(shared("official_examples", "ufz", "graph").glob("*.safetensors")):
+    paths = sorted(shared("official_examples", "ufz", "graph").glob("*.safetensors"))
+    images = sorted(shared("official_examples", "ufz", "img").glob("*.png"))
+    assert len(paths) == UFZ_SAMPLES and [p.stem for p in paths] == [p.stem for p in images]
+    for path in paths:
         graph = load_official_graph(path)
         validate_graph(graph, feature_dim=512)
         for node_type in NODE_TYPES:
@@ -200,7 +204,7 @@ def test_vit_large_official_layout_converts_with_every_key():
     generator = torch.Generator().manual_seed(0)
     state_dict = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in layout.items()}
     config = infer_official_config({"architecture": "vit_large_patch16_224"}, state_dict)
-    assert config["decoder_dim"] == 512 and config["fusion_dim"] == 256 and config["text_dim"] == 512
+    assert config["decoder_dim"] == 512 and config["fusion"]["dim"] == 256 and config["osm"]["text_dim"] == 512
     model = GeoLinkForPretraining(**config)
     converted = official_to_geolink(state_dict)
     result = model.load_state_dict(converted, strict=True)

@@ -12,22 +12,25 @@ anchors for K)::
 
 The fused Q replaces the last map. Samples are packed into a padded ``[B, N_max, C]`` node tensor with a key mask
 (vectorised, no loop over samples); a sample without nodes gets a finite output (its image tokens attend to nothing
-and keep only the attention bias).
+and keep only the attention bias). The constructor takes the image and OSM encoders' kwargs as two dicts (the
+``image`` and ``osm`` sections of an architecture JSON) next to its own fusion-level kwargs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import HeteroData
 
+from geolink.errors import ConfigError, InputError
 from geolink.graph.schema import NODE_TYPES
 from geolink.hub import GeoLinkHubMixin
-from geolink.models.image import GeoLinkImageEncoder
-from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors, graph_edge_index_dict
+from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher
+from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
 from geolink.models.pos_embed import anchor_embedding, sincos_grid
 
 
@@ -41,7 +44,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+            raise ConfigError(f"attention width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
@@ -135,50 +138,65 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
     """GeoLink fusion encoder: multi-level feature maps of an image fused with its OSM graph.
 
     ``forward(images, graphs)`` returns the raw block outputs at ``out_indices`` as ``[B, D, H/p, W/p]`` maps, the
-    last one replaced by the fused ``[B, fusion_dim, H/p, W/p]`` map — ready for a UPerNet-style decoder.
+    last one replaced by the fused ``[B, dim, H/p, W/p]`` map — ready for a UPerNet-style decoder.
 
     Args:
-        trunk, img_size, in_chans, drop_path_rate: the image encoder (see :class:`GeoLinkImageEncoder`).
-        text_dim, osm_dim, type_weighting, set2set_steps: the OSM encoder (see :class:`GeoLinkOSMEncoder`).
-        fusion_dim: width of the two-way blocks.
-        fusion_depth: number of two-way blocks.
-        fusion_num_heads: attention heads of the two-way blocks.
-        fusion_dropout: attention dropout of the two-way blocks (training only).
+        image: kwargs of the image encoder (:class:`GeoLinkImageEncoder`); None = its defaults.
+        osm: kwargs of the OSM encoder (:class:`GeoLinkOSMEncoder`); None = its defaults.
+        dim: width of the two-way blocks and of the fused map.
+        depth: number of two-way blocks.
+        num_heads: attention heads of the two-way blocks.
+        dropout: attention dropout of the two-way blocks (training only).
         out_indices: default output blocks; ``None`` = ``[7, 11, 15, 23]`` for 24 blocks (``[3, 5, 7, 11]`` for 12).
+
+    Attributes:
+        fusion_dim: ``dim``, the width of the fused map.
     """
 
     weights_description = "A GeoLink fusion encoder (image encoder + OSM encoder + two-way fusion block)."
 
     def __init__(
         self,
-        trunk: str = "vit_large_patch16_224",
-        img_size: int = 224,
-        in_chans: int = 3,
-        drop_path_rate: float = 0.0,
-        text_dim: int = 512,
-        osm_dim: int = 128,
-        type_weighting: str = "sum",
-        set2set_steps: int = 5,
-        fusion_dim: int = 256,
-        fusion_depth: int = 1,
-        fusion_num_heads: int = 16,
-        fusion_dropout: float = 0.1,
+        image: dict[str, Any] | None = None,
+        osm: dict[str, Any] | None = None,
+        dim: int = 256,
+        depth: int = 1,
+        num_heads: int = 16,
+        dropout: float = 0.1,
         out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.image_encoder = GeoLinkImageEncoder(trunk=trunk, img_size=img_size, in_chans=in_chans,
-                                                 drop_path_rate=drop_path_rate)
-        self.osm_encoder = GeoLinkOSMEncoder(text_dim=text_dim, osm_dim=osm_dim, type_weighting=type_weighting,
-                                             set2set_steps=set2set_steps)
-        self.fusion_dim = fusion_dim
+        self.image_encoder = GeoLinkImageEncoder(**(image or {}))
+        self.osm_encoder = GeoLinkOSMEncoder(**(osm or {}))
+        self.fusion_dim = dim
         self.out_indices = self.image_encoder.resolve_indices(
             list(out_indices) if out_indices is not None else self.image_encoder.default_out_indices)
-        self.image_proj = nn.Linear(self.image_encoder.embed_dim, fusion_dim)
-        self.node_proj = nn.ModuleDict({t: nn.Linear(osm_dim, fusion_dim) for t in NODE_TYPES})
-        self.blocks = nn.ModuleList(
-            [TwoWayFusionBlock(fusion_dim, fusion_num_heads, fusion_dropout) for _ in range(fusion_depth)])
+        self.image_proj = nn.Linear(self.image_encoder.embed_dim, dim)
+        self.node_proj = nn.ModuleDict({t: nn.Linear(self.osm_encoder.osm_dim, dim) for t in NODE_TYPES})
+        self.blocks = nn.ModuleList([TwoWayFusionBlock(dim, num_heads, dropout) for _ in range(depth)])
         grid = self.image_encoder.grid_size
-        self.register_buffer("image_pos", sincos_grid(*grid, fusion_dim), persistent=False)
+        self.register_buffer("image_pos", sincos_grid(*grid, dim), persistent=False)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs with the complete ``image`` and ``osm`` sections of the encoders."""
+        return {**super().init_kwargs(), "image": self.image_encoder.init_kwargs(),
+                "osm": self.osm_encoder.init_kwargs()}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm optimiser conventions (names relative to this module)
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: the image encoder's cls token and position table."""
+        return {f"image_encoder.{name}" for name in self.image_encoder.no_weight_decay()} | {
+            f"osm_encoder.{name}" for name in self.osm_encoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the image encoder's blocks (the OSM encoder and the fusion blocks are small)."""
+        self.image_encoder.set_grad_checkpointing(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups for layer-wise learning-rate decay: the image encoder's stem and blocks; the OSM
+        encoder and the fusion blocks, which read the last block, fall in the last group with the heads."""
+        return prefixed_matcher(self.image_encoder.group_matcher(coarse), "image_encoder.")
 
     @property
     def out_channels(self) -> list[int]:
@@ -233,12 +251,11 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
         indices = self.image_encoder.resolve_indices(layers) if layers is not None else self.out_indices
         batch_dict, num_graphs = graph_batch_vectors(graph)
         if num_graphs != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+            raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
         grid = (images.shape[-2] // self.image_encoder.patch_size, images.shape[-1] // self.image_encoder.patch_size)
         maps = self.image_encoder.forward_intermediates(images, indices=indices, output_fmt="NLC",
                                                         intermediates_only=True)
-        node_embeddings = self.osm_encoder.forward_dict({t: graph[t].x for t in NODE_TYPES},
-                                                        graph_edge_index_dict(graph), batch_dict, num_graphs)
+        node_embeddings = self.osm_encoder.node_embeddings(graph, batch_dict, num_graphs)
         tokens, pos = self.node_tokens(node_embeddings, graph, grid)
         nodes, node_pos, padding_mask = pack_nodes(torch.cat([tokens[t] for t in NODE_TYPES]),
                                                    torch.cat([pos[t] for t in NODE_TYPES]),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import HeteroData
 
+from geolink.errors import ConfigError, InputError
 from geolink.models.image import GeoLinkImageEncoder
 
 NORMS = ("bn", "gn", "none")
@@ -45,20 +46,20 @@ def global_features(model: nn.Module, images: torch.Tensor, pool: str = "avg") -
     - anything else: ``model(images)``, which must be ``[B, D]``.
     """
     if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
     if isinstance(model, GeoLinkImageEncoder):
         return model.pooled_features(images, pool="avg" if pool == "default" else pool)
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         features = model.forward_features(images)
         prefix = getattr(model, "num_prefix_tokens", None)
         if pool == "token" and not prefix:
-            raise ValueError(f"{type(model).__name__} has no class token; use pool='avg' or 'default'")
+            raise ConfigError(f"{type(model).__name__} has no class token; use pool='avg' or 'default'")
         if pool == "default" or prefix is None or features.dim() != 3:
             return model.forward_head(features, pre_logits=True)
         return features[:, 0] if pool == "token" else features[:, prefix:].mean(dim=1)
     out = model(images)
     if out.dim() != 2:
-        raise ValueError(f"{type(model).__name__}(images) returned shape {tuple(out.shape)}; a global encoder must "
+        raise ConfigError(f"{type(model).__name__}(images) returned shape {tuple(out.shape)}; a global encoder must "
                          "return [B, D]")
     return out
 
@@ -72,7 +73,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(groups, channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    raise ConfigError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
 class ConvNormAct(nn.Sequential):
@@ -100,7 +101,7 @@ class LinearClassifier(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, batch_norm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         self.norm = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6) if batch_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_dim, num_classes)
@@ -128,10 +129,10 @@ class MultiScaleNeck(nn.Module):
         in_channels = list(in_channels)
         if scales is None:
             if len(in_channels) != 4:
-                raise ValueError(f"pass scales for {len(in_channels)} levels (the default (4, 2, 1, 0.5) is for 4)")
+                raise ConfigError(f"pass scales for {len(in_channels)} levels (the default (4, 2, 1, 0.5) is for 4)")
             scales = (4, 2, 1, 0.5)
         if len(scales) != len(in_channels):
-            raise ValueError(f"{len(scales)} scales for {len(in_channels)} input maps")
+            raise ConfigError(f"{len(scales)} scales for {len(in_channels)} input maps")
         self.scales = tuple(scales)
         ops = []
         for channels, scale in zip(in_channels, self.scales):
@@ -146,13 +147,13 @@ class MultiScaleNeck(nn.Module):
                 size = int(round(1 / scale))
                 ops.append(nn.MaxPool2d(size, stride=size, ceil_mode=True))
             else:
-                raise ValueError(f"unsupported neck scale {scale}; use 4, 2, 1, 0.5 or 0.25")
+                raise ConfigError(f"unsupported neck scale {scale}; use 4, 2, 1, 0.5 or 0.25")
         self.ops = nn.ModuleList(ops)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[B, C_i, h, w]`` each -> level i at ``scale_i · (h, w)`` (max-pooling rounds up)."""
         if len(features) != len(self.ops):
-            raise ValueError(f"neck built for {len(self.ops)} maps, got {len(features)}")
+            raise InputError(f"neck built for {len(self.ops)} maps, got {len(features)}")
         return [op(x) for op, x in zip(self.ops, features)]
 
 
@@ -199,9 +200,9 @@ class UPerNetHead(nn.Module):
         super().__init__()
         in_channels = list(in_channels)
         if len(in_channels) < 2:
-            raise ValueError(f"UPerNet needs at least two input levels, got in_channels={in_channels}")
+            raise ConfigError(f"UPerNet needs at least two input levels, got in_channels={in_channels}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         if neck is False or neck is None:
@@ -219,10 +220,10 @@ class UPerNetHead(nn.Module):
         """Multi-level maps (finest first) -> fused decoder map ``[B, channels, h_0, w_0]`` at the finest level
         (after the neck, if any)."""
         if len(features) != len(self.in_channels):
-            raise ValueError(f"UPerNet built for {len(self.in_channels)} levels, got {len(features)} maps")
+            raise InputError(f"UPerNet built for {len(self.in_channels)} levels, got {len(features)} maps")
         for i, (x, c) in enumerate(zip(features, self.in_channels)):
             if x.dim() != 4 or x.shape[1] != c:
-                raise ValueError(f"level {i}: expected [B, {c}, h, w], got {tuple(x.shape)}")
+                raise InputError(f"level {i}: expected [B, {c}, h, w], got {tuple(x.shape)}")
         if self.neck is not None:
             features = self.neck(features)
         levels = [conv(x) for conv, x in zip(self.lateral, features[:-1])] + [self.ppm(features[-1])]
@@ -249,14 +250,14 @@ def _encoder_out_indices(encoder: nn.Module, out_indices: Sequence[int] | None) 
         return list(encoder.default_out_indices)
     depth = len(getattr(encoder, "blocks", []))
     if not depth:
-        raise ValueError(f"cannot infer output blocks of {type(encoder).__name__}; pass out_indices")
+        raise ConfigError(f"cannot infer output blocks of {type(encoder).__name__}; pass out_indices")
     return [depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1]
 
 
 def _embed_dim(encoder: nn.Module) -> int:
     dim = getattr(encoder, "embed_dim", None) or getattr(encoder, "num_features", None)
     if dim is None:
-        raise ValueError(f"cannot infer the width of {type(encoder).__name__}; it needs embed_dim or num_features")
+        raise ConfigError(f"cannot infer the width of {type(encoder).__name__}; it needs embed_dim or num_features")
     return int(dim)
 
 
@@ -346,7 +347,7 @@ class SiameseChangeDetector(nn.Module):
                  fusion: str = "absdiff", **head_kwargs) -> None:
         super().__init__()
         if fusion not in self.FUSIONS:
-            raise ValueError(f"fusion must be one of {self.FUSIONS}, got {fusion!r}")
+            raise ConfigError(f"fusion must be one of {self.FUSIONS}, got {fusion!r}")
         self.encoder = encoder
         self.fusion = fusion
         self.out_indices = _encoder_out_indices(encoder, out_indices)
@@ -356,7 +357,7 @@ class SiameseChangeDetector(nn.Module):
     def forward(self, images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
         """``images_a``, ``images_b``: ``[B, C, H, W]`` (same size) -> ``[B, K, H, W]`` logits."""
         if images_a.shape != images_b.shape:
-            raise ValueError(f"the two dates must have the same shape, got {tuple(images_a.shape)} and "
+            raise InputError(f"the two dates must have the same shape, got {tuple(images_a.shape)} and "
                              f"{tuple(images_b.shape)}")
         maps = self.encoder.forward_intermediates(torch.cat([images_a, images_b]), indices=self.out_indices,
                                                   output_fmt="NCHW", intermediates_only=True)

@@ -4,24 +4,29 @@ The trunk is an unmodified ``timm`` ``VisionTransformer`` (``num_classes=0``, ``
 fixed MAE sin-cos table lives in ``trunk.pos_embed`` (cls row zero) and its cls token and final norm in the timm
 slots, so the saved folder is a plain timm folder: ``timm.create_model("local-dir:<dir>", pretrained=True)`` gives the
 same ``forward_features`` without geolink installed. geolink adds inputs of any size that is a multiple of the patch
-size (the sin-cos table is regenerated for the new grid, not interpolated) and a timm-style
-``forward_intermediates``.
+size (the sin-cos table is regenerated for the new grid, not interpolated), a timm-style ``forward_intermediates``,
+the MAE encoder pass over a subset of patches (``forward_visible``) and timm's optimiser conventions
+(``no_weight_decay``, ``set_grad_checkpointing``, ``group_matcher``), all delegated to the trunk.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from geolink.errors import ConfigError, InputError
 from geolink.hub import GeoLinkHubMixin
 from geolink.models.pos_embed import sincos_grid
+from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+TRUNK_PREFIX = "trunk."
 
 
 class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
@@ -40,8 +45,9 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
                  drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if not timm.is_model(trunk):
-            raise ValueError(f"unknown timm architecture {trunk!r}; GeoLink needs a ViT such as vit_large_patch16_224")
-        not_a_vit = ValueError(f"{trunk!r} is not a ViT with a class token and a pos_embed row for it; "
+            raise ConfigError(f"unknown timm architecture {trunk!r} for image.trunk; GeoLink needs a ViT such as "
+                              "vit_large_patch16_224")
+        not_a_vit = ConfigError(f"{trunk!r} is not a ViT with a class token and a pos_embed row for it; "
                                "GeoLink needs e.g. vit_large_patch16_224")
         try:
             self.trunk = timm.create_model(trunk, pretrained=False, num_classes=0, global_pool="", img_size=img_size,
@@ -80,9 +86,9 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
         """
         batch, channels, height, width = images.shape
         if channels != self.in_chans:
-            raise ValueError(f"image encoder expects {self.in_chans} bands, got images of shape {tuple(images.shape)}")
+            raise InputError(f"image encoder expects {self.in_chans} bands, got images of shape {tuple(images.shape)}")
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {self.patch_size}; "
+            raise InputError(f"image size {height}×{width} is not a multiple of the patch size {self.patch_size}; "
                              "resize or crop the input")
         patch_embed = self.trunk.patch_embed
         tokens = patch_embed.norm(patch_embed.proj(images).flatten(2).transpose(1, 2))
@@ -100,17 +106,44 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
         cls = self.trunk.cls_token + self.trunk.pos_embed[:, :1]
         return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Input tokens of the blocks: ``[B, 1 + L, D]`` and the patch grid."""
+    def embed(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Input tokens of the blocks: ``[B, 1 + L, D]`` (or ``[B, 1 + K, D]`` with ``ids_keep``) and the patch grid.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            ids_keep: ``[B, K]`` indices (row-major) of the patches to keep per sample; None keeps all.
+        """
         tokens, grid = self.patch_tokens(images)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return self.trunk.norm_pre(self.trunk.pos_drop(self.prepend_cls(tokens))), grid
+
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """All blocks then the final norm (gradient-checkpointed when enabled): ``[B, N, D] -> [B, N, D]``."""
+        if self.trunk.grad_checkpointing and torch.is_grad_enabled():
+            return self.trunk.norm(checkpoint_seq(self.trunk.blocks, tokens))
+        return self.trunk.norm(self.trunk.blocks(tokens))
 
     # ----------------------------------------------------------------------------------------------------------
     # timm forward interface
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, 1 + L, D]``: final-normed tokens, cls first."""
         tokens, _ = self.embed(images)
-        return self.trunk.norm(self.trunk.blocks(tokens))
+        return self.run_blocks(tokens)
+
+    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The MAE encoder pass: only the kept patches (with their positions) enter the blocks.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            ids_keep: ``[B, K]`` row-major indices of the visible patches of each sample.
+
+        Returns:
+            ``[B, 1 + K, D]`` final-normed tokens, cls first, patches in ``ids_keep`` order.
+        """
+        tokens, _ = self.embed(images, ids_keep)
+        return self.run_blocks(tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_features`."""
@@ -142,13 +175,14 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
             ``intermediates`` or ``(final_normed_tokens, intermediates)``.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise InputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = self.resolve_indices(indices)
         tokens, (grid_h, grid_w) = self.embed(images)
         last = max(take) if (stop_early or intermediates_only) else self.depth - 1
         intermediates = []
+        checkpointed = self.trunk.grad_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.trunk.blocks[: last + 1]):
-            tokens = block(tokens)
+            tokens = checkpoint(block, tokens) if checkpointed else block(tokens)
             if index in take:
                 out = self.trunk.norm(tokens) if norm else tokens
                 prefix, patches = out[:, :1], out[:, 1:]
@@ -166,13 +200,13 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
             resolved = list(range(self.depth))
         elif isinstance(indices, int):
             if not 0 < indices <= self.depth:
-                raise ValueError(f"cannot take the last {indices} blocks of a {self.depth}-block encoder")
+                raise InputError(f"cannot take the last {indices} blocks of a {self.depth}-block encoder")
             resolved = list(range(self.depth - indices, self.depth))
         else:
             resolved = [i + self.depth if i < 0 else i for i in indices]
             bad = [i for i, r in zip(indices, resolved) if not 0 <= r < self.depth]
             if bad or not resolved:
-                raise ValueError(f"block indices {list(indices)} out of range for a {self.depth}-block encoder")
+                raise InputError(f"block indices {list(indices)} out of range for a {self.depth}-block encoder")
         return sorted(set(resolved))
 
     def pooled_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
@@ -183,7 +217,24 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
             return tokens[:, 1:].mean(dim=1)
         if pool == "token":
             return tokens[:, 0]
-        raise ValueError(f"pool must be 'avg' or 'token', got {pool!r}")
+        raise InputError(f"pool must be 'avg' or 'token', got {pool!r}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm optimiser conventions (names relative to this module)
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: the trunk's cls token and position table (of the tokens timm
+        names, those this trunk has)."""
+        present = dict(self.trunk.named_parameters())
+        return {TRUNK_PREFIX + name for name in self.trunk.no_weight_decay() if name in present}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (the trunk's flag)."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups for layer-wise learning-rate decay: the embedding stem, then one group per block
+        (the final norm with the last)."""
+        return prefixed_matcher(self.trunk.group_matcher(coarse), TRUNK_PREFIX)
 
     # ----------------------------------------------------------------------------------------------------------
     # Hub: the folder is a timm folder
@@ -218,10 +269,25 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
                 "paper_ids": "arXiv:2509.26016",
             },
             # geolink constructor kwargs (ignored by timm)
-            "trunk": self.trunk_name,
-            "img_size": self.img_size,
-            "in_chans": channels,
-            "drop_path_rate": self.drop_path_rate,
+            **self.init_kwargs(),
             "model_class": type(self).__name__,
         }
 
+
+
+def prefixed_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A timm ``group_matcher`` dict of a sub-module re-rooted at ``prefix`` (``"^blocks"`` -> ``"^trunk\\.blocks"``):
+    every ``^`` anchor of its regular expressions is moved behind the escaped prefix."""
+    escaped = re.escape(prefix)
+
+    def anchor(pattern: str) -> str:
+        alternatives = [p if p.startswith("^") else "^" + p for p in pattern.split("|")]
+        return "|".join("^" + escaped + p[1:] for p in alternatives)
+
+    out: dict[str, Any] = {}
+    for group, rule in matcher.items():
+        if isinstance(rule, str):
+            out[group] = anchor(rule)
+        else:
+            out[group] = [(anchor(pattern), order) for pattern, order in rule]
+    return out

@@ -4,16 +4,20 @@ Input is a graph (or ``Batch``) following ``geolink.graph.schema``; the encoder 
 Nine ``GATConv(text_dim → osm_dim)`` (one per edge type, no edge features; the official ``HeteroConv``) are averaged,
 for each destination type, over the three edge types pointing at it, including empty ones (which contribute their
 bias). A ReLU and a per-type layer norm whose statistics are pooled per graph follow, so a sample's embedding never
-depends on the other samples of its batch.
+depends on the other samples of its batch. ``encode(graph)`` gives the node embeddings and the region embedding of
+every graph in one pass; ``forward`` only the nodes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from torch_geometric.data import HeteroData
 from torch_geometric.nn import GATConv, Set2Set
 
+from geolink.errors import ConfigError, InputError
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType, edge_type_name
 from geolink.hub import GeoLinkHubMixin
 
@@ -82,7 +86,7 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
                  set2set_steps: int = 5) -> None:
         super().__init__()
         if type_weighting not in TYPE_WEIGHTINGS:
-            raise ValueError(f"type_weighting must be one of {TYPE_WEIGHTINGS}, got {type_weighting!r}")
+            raise ConfigError(f"type_weighting must be one of {TYPE_WEIGHTINGS}, got {type_weighting!r}")
         self.text_dim = text_dim
         self.osm_dim = osm_dim
         self.type_weighting = type_weighting
@@ -94,24 +98,17 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         self.readout_proj = nn.ModuleDict({t: nn.Linear(2 * osm_dim, osm_dim) for t in NODE_TYPES})
         self.type_attention = nn.Linear(osm_dim, 1)
 
-    def forward_dict(self, x_dict: dict[str, torch.Tensor], edge_index_dict: dict[EdgeType, torch.Tensor],
-                     batch_dict: dict[str, torch.Tensor], num_graphs: int) -> dict[str, torch.Tensor]:
-        """Node embeddings from PyG-style dicts.
-
-        Args:
-            x_dict: ``{type: [N_t, text_dim]}`` for all three node types.
-            edge_index_dict: ``{(src, "to", dst): [2, E]}`` for all nine edge types.
-            batch_dict: ``{type: [N_t]}`` graph index of each node.
-            num_graphs: B.
-
-        Returns:
-            ``{type: [N_t, osm_dim]}``, normalised per graph.
-        """
+    def node_embeddings(self, graph: HeteroData, batch_dict: dict[str, torch.Tensor], num_graphs: int
+                        ) -> dict[str, torch.Tensor]:
+        """Node embeddings ``{type: [N_t, osm_dim]}``, normalised per graph (``batch_dict``: graph index of each
+        node per type, from :func:`graph_batch_vectors`)."""
+        x_dict = {t: graph[t].x for t in NODE_TYPES}
         for node_type in NODE_TYPES:
             width = x_dict[node_type].shape[1]
             if width != self.text_dim:
-                raise ValueError(f"{node_type} features have width {width}, this encoder expects {self.text_dim}: "
+                raise InputError(f"{node_type} features have width {width}, this encoder expects {self.text_dim}: "
                                  "build graphs with the text model the weights were trained with")
+        edge_index_dict = graph_edge_index_dict(graph)
         incoming: dict[str, list[torch.Tensor]] = {t: [] for t in NODE_TYPES}
         for edge_type in EDGE_TYPES:
             src, _, dst = edge_type
@@ -120,31 +117,13 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         return {t: self.norm[t](torch.stack(incoming[t]).mean(dim=0).relu(), batch_dict[t], num_graphs)
                 for t in NODE_TYPES}
 
-    def forward(self, graph: HeteroData) -> dict[str, torch.Tensor]:
-        """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings."""
-        batch_dict, num_graphs = graph_batch_vectors(graph)
-        x_dict = {t: graph[t].x for t in NODE_TYPES}
-        return self.forward_dict(x_dict, graph_edge_index_dict(graph), batch_dict, num_graphs)
-
-    def region_embedding(self, graph: HeteroData, node_embeddings: dict[str, torch.Tensor] | None = None
-                         ) -> torch.Tensor:
-        """One embedding per graph, ``[B, osm_dim]``.
+    def readout_region(self, node_embeddings: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor],
+                       num_graphs: int) -> torch.Tensor:
+        """One embedding per graph, ``[B, osm_dim]``, from the node embeddings.
 
         Per type: Set2Set over the graph's nodes, then a linear map; types a graph lacks contribute zero. The per-type
         vectors are summed (``type_weighting="sum"``) or softmax-weighted over the present types.
-
-        Args:
-            graph: the graph batch.
-            node_embeddings: output of :meth:`forward` on ``graph`` when already computed.
         """
-        batch_dict, num_graphs = graph_batch_vectors(graph)
-        if node_embeddings is None:
-            node_embeddings = self(graph)
-        return self.region_embedding_dict(node_embeddings, batch_dict, num_graphs)
-
-    def region_embedding_dict(self, node_embeddings: dict[str, torch.Tensor], batch_dict: dict[str, torch.Tensor],
-                              num_graphs: int) -> torch.Tensor:
-        """:meth:`region_embedding` from dicts (``{type: [N_t, osm_dim]}``, ``{type: [N_t]}``) -> ``[B, osm_dim]``."""
         per_type, present = [], []
         for node_type in NODE_TYPES:
             nodes, batch = node_embeddings[node_type], batch_dict[node_type]
@@ -159,3 +138,43 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         scores = self.type_attention(embeddings).squeeze(-1).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # a graph with no nodes at all gets zeros
         return (weights.unsqueeze(-1) * embeddings).sum(dim=1)
+
+    def forward(self, graph: HeteroData) -> dict[str, torch.Tensor]:
+        """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings."""
+        return self.node_embeddings(graph, *graph_batch_vectors(graph))
+
+    def encode(self, graph: HeteroData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Node and region embeddings of a graph batch in one pass.
+
+        Args:
+            graph: ``HeteroData`` (one graph) or ``Batch`` of B graphs; its ``x`` is read, never modified.
+
+        Returns:
+            ``({type: [N_t, osm_dim]}, [B, osm_dim])``.
+        """
+        batch_dict, num_graphs = graph_batch_vectors(graph)
+        nodes = self.node_embeddings(graph, batch_dict, num_graphs)
+        return nodes, self.readout_region(nodes, batch_dict, num_graphs)
+
+    def region_embedding(self, graph: HeteroData, node_embeddings: dict[str, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        """One embedding per graph, ``[B, osm_dim]`` (see :meth:`readout_region`).
+
+        Args:
+            graph: the graph batch.
+            node_embeddings: output of :meth:`forward` on ``graph`` when already computed.
+        """
+        if node_embeddings is None:
+            return self.encode(graph)[1]
+        return self.readout_region(node_embeddings, *graph_batch_vectors(graph))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm optimiser conventions
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay beyond the 1-D ones: none (the encoder has no tokens or tables)."""
+        return set()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups for layer-wise learning-rate decay: the graph layer (GAT convolutions and their
+        norms), then the region readout."""
+        return {"stem": r"^convs\.|^norm\.", "blocks": r"^readout|^type_attention"}

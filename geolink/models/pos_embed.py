@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from geolink.errors import ConfigError
+
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Encode scalar positions.
@@ -22,7 +24,7 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
         ``[..., dim]``: sines of all frequencies, then cosines.
     """
     if dim % 2:
-        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+        raise ConfigError(f"sin-cos embedding width must be even, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float32, device=positions.device) / (dim / 2.0)
     omega = 1.0 / 10000**omega
     angles = positions.to(torch.float32).unsqueeze(-1) * omega
@@ -40,7 +42,7 @@ def sincos_2d(coords: torch.Tensor, dim: int) -> torch.Tensor:
         ``[..., dim]``: the first half encodes ``u``, the second half ``v``.
     """
     if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding width must be a multiple of 4, got {dim}")
+        raise ConfigError(f"2-D sin-cos embedding width must be a multiple of 4, got {dim}")
     return torch.cat([sincos_1d(coords[..., 0], dim // 2), sincos_1d(coords[..., 1], dim // 2)], dim=-1)
 
 

@@ -2,11 +2,12 @@
 
 One forward pass (DESIGN §6):
 
-1. ``forward_encoder``: the image encoder runs once on the visible 25 % of patches (MAE random masking).
+1. ``forward_encoder``: MAE random masking, then the image encoder's own ``forward_visible`` runs once on the
+   visible 25 % of patches.
 2. ``forward_decoder`` + ``forward_loss``: the MAE decoder reconstructs all patches; normalised-pixel MSE on the
    masked ones (``loss_mae``).
 3. ``mask_nodes``: 20 % of each graph's nodes of each type (at least one) get a learned per-type mask token as input;
-   the OSM encoder runs once on this masked graph.
+   the OSM encoder's ``encode`` runs once on this masked graph (node and region embeddings).
 4. ``forward_contrastive_loss``: symmetric InfoNCE between the mean visible patch token and the region embedding of
    the masked graph (``loss_contrastive``).
 5. ``forward_consistency``: the fusion block takes the visible image tokens as Q and only the masked nodes (≤ 10
@@ -23,8 +24,8 @@ the contrastive negatives from the global batch and normalises the node loss by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import copy
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch_geometric.data import HeteroData
 
+from geolink.errors import ConfigError, InputError
 from geolink.graph.schema import NODE_TYPES
 from geolink.hub import GeoLinkHubMixin
 from geolink.models.fusion import GeoLinkFusionEncoder, pack_nodes
-from geolink.models.osm import graph_batch_vectors, graph_edge_index_dict
+from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher
+from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
 from geolink.models.pos_embed import sincos_grid
 
 _MASK32 = 0xFFFFFFFF
@@ -82,11 +85,24 @@ def rank_within_groups(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor
     return ranks
 
 
+def with_node_features(graph: HeteroData, x_dict: dict[str, torch.Tensor]) -> HeteroData:
+    """A shallow copy of ``graph`` whose nodes carry the features ``x_dict`` (other tensors shared, ``graph``
+    untouched)."""
+    copied = copy.copy(graph)
+    for node_type, x in x_dict.items():
+        copied[node_type].x = x
+    return copied
+
+
 class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
     """GeoLink pretraining model: ``forward(images, graphs)`` returns the weighted loss, its terms and the masks.
 
     Args:
-        trunk … out_indices: the fusion encoder (see :class:`GeoLinkFusionEncoder`).
+        image: kwargs of the image encoder (:class:`GeoLinkImageEncoder`); None = its defaults.
+        osm: kwargs of the OSM encoder (:class:`GeoLinkOSMEncoder`); its ``text_dim`` is also the width of the node
+            mask tokens and of the node prediction.
+        fusion: the fusion-level kwargs of :class:`GeoLinkFusionEncoder` (``dim``, ``depth``, ``num_heads``,
+            ``dropout``, ``out_indices``).
         decoder_dim, decoder_depth, decoder_num_heads: the MAE decoder (timm blocks, MLP ratio 4).
         projection_dim: width of the contrastive projection heads.
         mask_ratio: fraction of image patches masked.
@@ -101,19 +117,9 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
 
     def __init__(
         self,
-        trunk: str = "vit_large_patch16_224",
-        img_size: int = 224,
-        in_chans: int = 3,
-        drop_path_rate: float = 0.0,
-        text_dim: int = 512,
-        osm_dim: int = 128,
-        type_weighting: str = "sum",
-        set2set_steps: int = 5,
-        fusion_dim: int = 256,
-        fusion_depth: int = 1,
-        fusion_num_heads: int = 16,
-        fusion_dropout: float = 0.1,
-        out_indices: Sequence[int] | None = None,
+        image: dict[str, Any] | None = None,
+        osm: dict[str, Any] | None = None,
+        fusion: dict[str, Any] | None = None,
         decoder_dim: int = 512,
         decoder_depth: int = 2,
         decoder_num_heads: int = 16,
@@ -128,13 +134,10 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.fusion_encoder = GeoLinkFusionEncoder(
-            trunk=trunk, img_size=img_size, in_chans=in_chans, drop_path_rate=drop_path_rate, text_dim=text_dim,
-            osm_dim=osm_dim, type_weighting=type_weighting, set2set_steps=set2set_steps, fusion_dim=fusion_dim,
-            fusion_depth=fusion_depth, fusion_num_heads=fusion_num_heads, fusion_dropout=fusion_dropout,
-            out_indices=out_indices)
-        image = self.fusion_encoder.image_encoder
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.fusion_encoder = GeoLinkFusionEncoder(image=image, osm=osm, **(fusion or {}))
+        encoder = self.image_encoder
+        text_dim = self.osm_encoder.text_dim
         self.mask_ratio = mask_ratio
         self.node_mask_ratio = node_mask_ratio
         self.max_masked_nodes = max_masked_nodes
@@ -143,19 +146,19 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         self.contrastive_weight = contrastive_weight
         self.consistency_weight = consistency_weight
 
-        self.decoder_embed = nn.Linear(image.embed_dim, decoder_dim)
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
                                                    norm_layer=nn.LayerNorm) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, image.patch_size**2 * in_chans)
-        self.register_buffer("decoder_pos", sincos_grid(*image.grid_size, decoder_dim, cls_token=True),
+        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size**2 * encoder.in_chans)
+        self.register_buffer("decoder_pos", sincos_grid(*encoder.grid_size, decoder_dim, cls_token=True),
                              persistent=False)
 
-        self.image_projection = nn.Linear(image.embed_dim, projection_dim)
-        self.region_projection = nn.Linear(osm_dim, projection_dim)
+        self.image_projection = nn.Linear(encoder.embed_dim, projection_dim)
+        self.region_projection = nn.Linear(self.osm_encoder.osm_dim, projection_dim)
         self.node_mask_token = nn.ParameterDict({t: nn.Parameter(torch.zeros(1, text_dim)) for t in NODE_TYPES})
-        self.node_pred = nn.Linear(fusion_dim, text_dim)
+        self.node_pred = nn.Linear(self.fusion_encoder.fusion_dim, text_dim)
         self._init_heads()
 
     def _init_heads(self) -> None:
@@ -178,13 +181,35 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         for token in self.node_mask_token.values():
             nn.init.normal_(token, std=0.02)
 
+    def init_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs with the complete ``image``, ``osm`` and ``fusion`` sections of the encoders."""
+        fusion = self.fusion_encoder.init_kwargs()
+        return {**super().init_kwargs(), "image": fusion.pop("image"), "osm": fusion.pop("osm"), "fusion": fusion}
+
     @property
-    def image_encoder(self):
+    def image_encoder(self) -> GeoLinkImageEncoder:
         return self.fusion_encoder.image_encoder
 
     @property
-    def osm_encoder(self):
+    def osm_encoder(self) -> GeoLinkOSMEncoder:
         return self.fusion_encoder.osm_encoder
+
+    # ----------------------------------------------------------------------------------------------------------
+    # timm optimiser conventions (names relative to this module)
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: the encoders' tokens and tables, the MAE mask token and the node
+        mask tokens."""
+        return ({f"fusion_encoder.{name}" for name in self.fusion_encoder.no_weight_decay()} | {"mask_token"}
+                | {f"node_mask_token.{t}" for t in NODE_TYPES})
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the image encoder's blocks (in the MAE pass and the fusion pass)."""
+        self.fusion_encoder.set_grad_checkpointing(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups: the image encoder's stem and blocks; everything else (OSM encoder, fusion,
+        decoder, heads) in the last group."""
+        return prefixed_matcher(self.fusion_encoder.group_matcher(coarse), "fusion_encoder.")
 
     # ----------------------------------------------------------------------------------------------------------
     # image branch (MAE)
@@ -204,47 +229,42 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, grid[0] * p, grid[1] * p)
 
     @staticmethod
-    def random_masking(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random subset of tokens per sample (MAE): the ``K`` with the lowest noise.
+    def random_masking(noise: torch.Tensor, mask_ratio: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Choose the patches each sample keeps (MAE): the ``K`` with the lowest noise.
 
         Args:
-            tokens: ``[B, L, D]``.
+            noise: ``[B, L]`` uniform noise, one value per patch.
             mask_ratio: fraction removed.
-            noise: ``[B, L]`` uniform noise; drawn with ``torch.rand`` when None.
 
         Returns:
-            ``visible [B, K, D]``, ``mask [B, L]`` (1 = removed), ``ids_keep [B, K]``, ``ids_restore [B, L]``
-            with ``K = int(L · (1 - mask_ratio))``.
+            ``mask [B, L]`` (1 = removed), ``ids_keep [B, K]``, ``ids_restore [B, L]`` with
+            ``K = int(L · (1 - mask_ratio))``.
         """
-        batch, length, dim = tokens.shape
+        batch, length = noise.shape
         keep = int(length * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(batch, length, device=tokens.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        mask = torch.ones(batch, length, device=tokens.device)
+        mask = torch.ones(batch, length, device=noise.device)
         mask[:, :keep] = 0
-        return visible, torch.gather(mask, 1, ids_restore), ids_keep, ids_restore
+        return torch.gather(mask, 1, ids_restore), ids_shuffle[:, :keep], ids_restore
 
     def forward_encoder(self, images: torch.Tensor, mask_ratio: float, sample_seeds: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encode the visible patches: ``latent [B, 1 + K, D]`` (normed, cls first), ``mask``, ``ids_keep``,
         ``ids_restore`` (see :meth:`random_masking`) and the patch grid. ``sample_seeds [B]`` makes the masks a
-        function of the seeds alone."""
-        encoder = self.image_encoder
-        tokens, grid = encoder.patch_tokens(images)
-        noise = None
-        if sample_seeds is not None:
-            batch, length = tokens.shape[:2]
-            rows = torch.arange(batch, device=tokens.device).repeat_interleave(length)
-            noise = hashed_uniform(sample_seeds.to(tokens.device)[rows], torch.arange(
-                length, device=tokens.device).repeat(batch), salt=0).view(batch, length)
-        visible, mask, ids_keep, ids_restore = self.random_masking(tokens, mask_ratio, noise)
-        x = encoder.trunk.norm_pre(encoder.trunk.pos_drop(encoder.prepend_cls(visible)))
-        return encoder.trunk.norm(encoder.trunk.blocks(x)), mask, ids_keep, ids_restore, grid
+        function of the seeds alone; otherwise the noise comes from ``torch.rand``."""
+        patch = self.image_encoder.patch_size
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        batch, length, device = images.shape[0], grid[0] * grid[1], images.device
+        if sample_seeds is None:
+            noise = torch.rand(batch, length, device=device)
+        else:
+            rows = torch.arange(batch, device=device).repeat_interleave(length)
+            noise = hashed_uniform(sample_seeds.to(device)[rows], torch.arange(length, device=device).repeat(batch),
+                                   salt=0).view(batch, length)
+        mask, ids_keep, ids_restore = self.random_masking(noise, mask_ratio)
+        return self.image_encoder.forward_visible(images, ids_keep), mask, ids_keep, ids_restore, grid
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Predict every patch: ``latent [B, 1 + K, D]``, ``ids_restore [B, L]`` -> ``[B, L, p·p·C]``."""
@@ -366,15 +386,13 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         """
         batch_dict, num_graphs = graph_batch_vectors(graph)
         if num_graphs != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+            raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
         latent, mask, ids_keep, ids_restore, grid = self.forward_encoder(images, self.mask_ratio, sample_seeds)
         pred = self.forward_decoder(latent, ids_restore, grid)
         loss_mae = self.forward_loss(images, pred, mask)
 
         masked_x, node_mask = self.mask_nodes(graph, batch_dict, sample_seeds)
-        osm = self.osm_encoder
-        node_embeddings = osm.forward_dict(masked_x, graph_edge_index_dict(graph), batch_dict, num_graphs)
-        region = osm.region_embedding_dict(node_embeddings, batch_dict, num_graphs)
+        node_embeddings, region = self.osm_encoder.encode(with_node_features(graph, masked_x))
         image_embedding = self.image_projection(latent[:, 1:].mean(dim=1))
         region_embedding = self.region_projection(region)
         loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding, cross_rank)
