@@ -1,23 +1,246 @@
-"""The ``geolink`` command: one subcommand per job.
+"""The ``geolink`` command: one subcommand per job, its flags derived from the job's dataclass config.
 
-Each subcommand is a pair of functions, ``_add_<name>(subparsers)`` declaring its arguments and
-``_run_<name>(args)`` doing the work; heavy imports happen inside ``_run_*`` so ``geolink --help`` is instant.
+Every job is a pair ``(config dataclass, function)`` named in :data:`JOBS` as import strings, so ``geolink --help``
+imports nothing heavy; a job's module is imported when the job runs or its ``--help`` is built. Each config field
+becomes one flag (:func:`add_config_arguments`) and the parsed flags become the config again
+(:func:`config_from_args`): a flag, its type, default and help are declared once, on the field. The conventions:
+
+- metadata ``help`` (required), ``flag`` (default ``--field-name``), ``positional`` and ``metavar``;
+- types (read with :func:`typing.get_type_hints`): ``str``, ``int``, ``float``, ``Path``, ``bool`` (``--x``, or
+  ``--x/--no-x`` when the default is True), ``Enum`` subclasses (choices = values), ``X | None``, fixed tuples
+  (``nargs=N``), ``tuple[T, ...]`` / ``list[T]`` (one or more values), ``dict`` (repeatable ``KEY=VALUE``, values
+  read as JSON, else as text) and any class with a ``from_string(text)`` classmethod;
+- a field without default is required; validation lives in the config's ``__post_init__``.
+
+Errors the user can fix (:class:`geolink.errors.GeoLinkError`, missing or unreadable files, bad flag values) are
+printed as one line ``error: <what> (<the fix>)`` on stderr with exit code 2; ``--debug`` or ``GEOLINK_DEBUG=1``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
+import importlib
+import json
+import os
+import re
 import sys
+import textwrap
+import types
+import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from geolink.errors import GeoLinkError
+
+#: exceptions printed as one ``error:`` line (exit code 2) rather than a traceback
+USER_ERRORS = (GeoLinkError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
-def _add_info(subparsers: argparse._SubParsersAction) -> None:
-    subparsers.add_parser("info", help="print versions and the registered architectures and pretrained tags",
-                          description="Print the versions geolink runs with and every registered model.")
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own, so example commands keep their line breaks
+    (indented lines continue four columns further in); never breaks a flag at its hyphens."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            depth = len(line) - len(line.lstrip())
+            margin, hanging = indent + " " * depth, indent + " " * (depth + 4 if depth else 0)
+            lines.append(textwrap.fill(line.strip(), width, initial_indent=margin, subsequent_indent=hanging,
+                                       break_on_hyphens=False))
+        return "\n".join(lines)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def _run_info(args: argparse.Namespace) -> int:
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are one line: ``error: <prog>: <what> (run <prog> --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (run `{self.prog} --help`)\n")
+
+
+# ------------------------------------------------------------------------------------------------- the deriver
+def _flag(item: dataclasses.Field) -> str:
+    return item.metadata.get("flag", "--" + item.name.replace("_", "-"))
+
+
+def _strip_optional(kind: Any) -> Any:
+    """``X | None`` -> ``X``; other types unchanged."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(kind) if member is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"the command line reads no union {kind}; use one type or 'X | None'")
+        return members[0]
+    return kind
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, _json_or_text(value)
+
+
+def _value_parser(kind: Any) -> tuple[Callable[[str], Any], str | None]:
+    """``(parse one command-line word, default metavar)`` for a scalar type."""
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        values = [str(member.value) for member in kind]
+
+        def parse_member(text: str) -> enum.Enum:
+            try:
+                return kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(values)})") from None
+
+        parse_member.__name__ = kind.__name__
+        return parse_member, "{" + ",".join(values) + "}"
+    if hasattr(kind, "from_string"):
+        def parse_text(text: str) -> Any:
+            try:
+                return kind.from_string(text)
+            except (GeoLinkError, ValueError) as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+
+        parse_text.__name__ = kind.__name__
+        return parse_text, None
+    if kind in (str, int, float, Path):
+        return kind, None
+    if kind is Any:
+        return _json_or_text, None
+    raise TypeError(f"the command line cannot read a {kind!r} field")
+
+
+def _argument(item: dataclasses.Field, kind: Any) -> dict[str, Any]:
+    """``add_argument`` keywords (less name, help and default) for one field of type ``kind``."""
+    kind = _strip_optional(kind)
+    origin, members = typing.get_origin(kind), typing.get_args(kind)
+    optional_positional = item.metadata.get("positional") and not _required(item)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if item.default is True else "store_true"}
+    if origin is dict or kind is dict:
+        return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+    if origin in (tuple, list):
+        fixed = origin is tuple and Ellipsis not in members
+        if not fixed and len(members) > 1 and members[1] is not Ellipsis:
+            raise TypeError(f"the command line reads tuple[T, ...] or fixed tuples, not {kind}")
+        if fixed and len(set(members)) != 1:
+            raise TypeError(f"the command line reads fixed tuples of one type, not {kind}")
+        parse, metavar = _value_parser(members[0] if members else str)
+        return {"type": parse, "metavar": metavar, "nargs": len(members) if fixed else "*" if optional_positional
+                else "+"}
+    parse, metavar = _value_parser(kind)
+    return {"type": parse, "metavar": metavar, **({"nargs": "?"} if optional_positional else {})}
+
+
+def _required(item: dataclasses.Field) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+
+
+def _default_text(item: dataclasses.Field, defaults: Mapping[str, Any]) -> str:
+    default = defaults.get(item.name, item.default)
+    if default is dataclasses.MISSING and item.default_factory is not dataclasses.MISSING:
+        default = item.default_factory()
+    if default is dataclasses.MISSING or default is None or default is False or default in ((), [], {}, ""):
+        return ""
+    if default is True:
+        return " (default: yes)"
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, (tuple, list)):
+        default = " ".join(str(value) for value in default)
+    return f" (default: {default})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
+                         defaults: Mapping[str, Any] | None = None) -> None:
+    """Add one argument per field of the dataclass ``config_class`` to ``parser`` (conventions: module docstring).
+
+    Absent options leave their attribute unset, so :func:`config_from_args` lets the dataclass apply its own
+    defaults, or those of ``defaults`` (``{field: value}``, e.g. a task's own number of epochs: shown in the help,
+    and a field given one is no longer required).
+    """
+    defaults = defaults or {}
+    hints = typing.get_type_hints(config_class)
+    for item in dataclasses.fields(config_class):
+        if not item.init:
+            continue
+        keywords = _argument(item, hints[item.name])
+        if item.metadata.get("metavar"):
+            keywords["metavar"] = item.metadata["metavar"]
+        keywords = {key: value for key, value in keywords.items() if value is not None}
+        help_text = in_flag_words(item.metadata["help"], config_class, skip=item.name) + _default_text(item, defaults)
+        help_text = help_text.replace("%", "%%")
+        if item.metadata.get("positional"):
+            parser.add_argument(item.name, help=help_text, default=argparse.SUPPRESS, **keywords)
+        else:
+            parser.add_argument(_flag(item), dest=item.name, help=help_text, default=argparse.SUPPRESS,
+                                required=_required(item) and item.name not in defaults, **keywords)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> Any:
+    """The ``config_class`` instance of parsed arguments (fields whose flag was not given take their value in
+    ``defaults``, else the dataclass default).
+
+    Raises:
+        geolink.errors.ConfigError: the config's own validation refused the values.
+    """
+    hints = typing.get_type_hints(config_class)
+    values = dict(defaults or {})
+    for item in dataclasses.fields(config_class):
+        if item.init and hasattr(args, item.name):
+            value, kind = getattr(args, item.name), _strip_optional(hints[item.name])
+            origin = typing.get_origin(kind) or kind
+            values[item.name] = origin(value) if origin in (tuple, list, dict) and value is not None else value
+    return config_class(**values)
+
+
+def in_flag_words(message: str, config_class: type, skip: str | None = None) -> str:
+    """``message`` with the config's option names written as their flags where the two spell differently:
+    ``tile_size`` -> ``--tile-size``, ``overrides`` -> ``--set`` (a one-word name like ``k`` stays: it reads the
+    same as its flag ``--k`` and may be a plain word of the text).
+
+    A name is replaced only as a word of its own outside quotes, never inside a path, file name, placeholder or
+    keyword argument (``runs/out_dir/x``, ``out_dir.json``, ``'out_dir'``, ``<out_dir>``, ``tile_size=200`` stay as
+    they are), and never ``skip`` (the option whose own help this is).
+    """
+    names = {item.name: _flag(item) for item in dataclasses.fields(config_class)
+             if item.init and not item.metadata.get("positional") and item.name != skip
+             and ("_" in item.name or "flag" in item.metadata)}
+    if not names:
+        return message
+    word = re.compile(r"(?<![\w./\\<-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+                      + r")(?![\w/\\'>=-]|\.\w)")
+    parts = re.split(r"('[^']*'|\"[^\"]*\")", message)
+    return "".join(part if index % 2 else word.sub(lambda match: names[match.group(1)], part)
+                   for index, part in enumerate(parts))
+
+
+def parse_config(config_class: type, argv: Sequence[str] | None = None, description: str | None = None,
+                 defaults: Mapping[str, Any] | None = None, prog: str | None = None) -> Any:
+    """Parse ``argv`` into a ``config_class`` instance with the flags :func:`add_config_arguments` derives (for a
+    script over a job config; bad values exit with one ``error:`` line and code 2, as in ``geolink``)."""
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    add_config_arguments(parser, config_class, defaults)
+    return config_from_args(config_class, parser.parse_args(argv), defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------- jobs
+def info() -> int:
+    """Print the versions geolink runs with and every registered architecture and pretrained tag."""
     import platform
 
     import timm
@@ -39,300 +262,155 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_convert(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert", help="convert an official GeoLink .pth checkpoint into a from_pretrained folder",
-        description="Convert an official GeoLink release checkpoint (multimodal or unimodal ViT .pth) into a "
-                    "geolink folder that `from_pretrained`, `geolink.load_model` and (for image encoders) "
-                    "`timm.create_model('local-dir:<dir>', pretrained=True)` load. The file is read with "
-                    "torch.load(weights_only=True): pickled code is refused, never run.",
-        epilog="example: geolink convert GeoLink_multimodal.pth converted/ --component fusion")
-    parser.add_argument("checkpoint", help="official .pth file")
-    parser.add_argument("out_dir", help="output folder (created)")
-    parser.add_argument("--component", choices=["pretraining", "fusion", "image", "osm"], default=None,
-                        help="save only this component (default: everything the file holds)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
-                        help="also upload the folder to this Hugging Face Hub repo (needs network and a token)")
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A subcommand: its config class and function as ``"module:name"`` strings, imported when the job is used.
+
+    Attributes:
+        name: the subcommand.
+        help: one line for ``geolink --help`` (the job's own ``--help`` shows the config's docstring).
+        config: ``"module:ConfigClass"``, or None for a job without options.
+        function: ``"module:function"`` (or the function) taking the config, or nothing when ``config`` is None,
+            and returning what :func:`show` prints.
+        epilog: examples shown under the job's ``--help``.
+    """
+
+    name: str
+    help: str
+    config: str | None
+    function: str | Callable[..., Any]
+    epilog: str = ""
 
 
-def _run_convert(args: argparse.Namespace) -> int:
-    from geolink.convert import load_official_checkpoint
-    from geolink.registry import COMPONENTS, extract_component
-
-    model = load_official_checkpoint(args.checkpoint)
-    if args.component is not None and not isinstance(model, COMPONENTS[args.component]):
-        extracted = extract_component(model, args.component)
-        if extracted is None:
-            print(f"error: {args.checkpoint} holds a {type(model).__name__}, which has no {args.component!r} "
-                  "component", file=sys.stderr)
-            return 2
-        model = extracted
-    model.save_pretrained(args.out_dir)
-    print(f"converted {args.checkpoint} -> {args.out_dir} ({type(model).__name__})")
-    if args.push_to_hub:
-        url = model.push_to_hub(args.push_to_hub)
-        print(f"pushed to {url}")
-    return 0
-
-
-def _add_build_graphs(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "build-graphs", help="turn OpenStreetMap data into one stored graph per tile",
-        description="Cut a region into tiles and write each tile's OSM graph (DESIGN §3, compact safetensors) plus "
-                    "the shared tag vocabulary (and its embedding table with --text-model) and an index. Rerunning "
-                    "skips finished tiles; --shard i/n splits the tiles between machines.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pbf", help="OpenStreetMap extract (.osm.pbf / .osm)")
-    source.add_argument("--vector", help="vector file with tags (GeoJSON; .gpkg/.shp/... need geolink[geo])")
-    source.add_argument("--merge-shards", action="store_true",
-                        help="after all --shard runs finished: merge their vocabularies into one for the folder")
-    parser.add_argument("--out", required=True, help="output folder")
-    tiling = parser.add_mutually_exclusive_group()
-    tiling.add_argument("--tile-size", help="tile side, e.g. 200m, 1km or 0.002deg (default 200m)")
-    tiling.add_argument("--grid", help="ROWSxCOLS: split the bbox into equal tiles, e.g. 6x4")
-    tiling.add_argument("--footprints", nargs="+", help="GeoTIFF images (or a JSON list of [w, s, e, n] bboxes): "
-                                                        "one tile per image footprint")
-    parser.add_argument("--bbox", help="region west,south,east,north, in degrees with --pbf, else in --crs "
-                                       "(default: the data's extent)")
-    parser.add_argument("--crs", default="EPSG:4326", help="tile CRS (default EPSG:4326)")
-    parser.add_argument("--text-model", help="Hugging Face text model folder or Hub id; stores the embedding table "
-                                             "(without it only the vocabulary is stored)")
-    parser.add_argument("--pooling", default="official", help="tag pooling (default: official)")
-    parser.add_argument("--text-cache", help="folder for the on-disk tag embedding cache")
-    parser.add_argument("--tag-weights", default="official", help="key-frequency JSON (default: the official table)")
-    parser.add_argument("--keys", help="comma-separated OSM keys to keep (default: keys of the frequency table)")
-    parser.add_argument("--deny-keys", help="comma-separated OSM keys to drop")
-    parser.add_argument("--workers", type=int, default=1, help="processes for the geometry work (default 1)")
-    parser.add_argument("--shard", help="i/n: build only tiles k with k %% n == i (e.g. $SLURM_ARRAY_TASK_ID/8)")
-    parser.add_argument("--device", help="text model device (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+JOBS: dict[str, Job] = {job.name: job for job in (
+    Job("info", "print versions and the registered architectures and pretrained tags", None, info),
+    Job("demo", "run the embedded tiny GeoLink on a bundled tile and write a PNG (offline)",
+        "geolink.demo:DemoConfig", "geolink.demo:run_demo"),
+    Job("convert", "convert an official GeoLink .pth checkpoint into a from_pretrained folder",
+        "geolink.convert:ConvertConfig", "geolink.convert:convert",
+        "example:\n  geolink convert GeoLink_multimodal.pth converted/ --component fusion"),
+    Job("pretrain", "pretrain (or continue pretraining) a GeoLink model",
+        "geolink.train.config:TrainConfig", "geolink.train.trainer:run",
+        "examples:\n  geolink pretrain --data bundled --out runs/tiny --max-steps 200 --batch-size 8\n"
+        "  torchrun --nproc_per_node 8 -m geolink.cli pretrain --arch geolink_vit_large_patch16_224 "
+        "--data shards/ --batch-size 64 --precision bf16 --out runs/vitl"),
+    Job("build-graphs", "turn OpenStreetMap data into one stored graph per tile",
+        "geolink.graph.tiles:BuildGraphsConfig", "geolink.graph.tiles:build_graphs",
+        "examples:\n  geolink build-graphs --pbf helsinki.osm.pbf --tile-size 200m --out graphs/\n"
+        "  geolink build-graphs --vector city.geojson --grid 6 4 --text-model ./minilm --out graphs/"),
+    Job("tag-stats", "count OSM tag keys into a key-frequency table",
+        "geolink.graph.readers:TagStatsConfig", "geolink.graph.readers:tag_stats",
+        "example:\n  geolink tag-stats finland.osm.pbf --out tag_weights.json --min-count 10"),
+    Job("eval", "kNN / linear-probe evaluation of an encoder on an ImageFolder, side by side with timm models",
+        "geolink.eval.compare:EvalConfig", "geolink.eval.compare:evaluate_image_folder",
+        "example:\n  geolink eval all --model geolink_vit_large_patch16_224.neurips2025_unimodal "
+        "--data EuroSAT_RGB --compare-timm vit_large_patch16_224.mae"),
+    Job("make-pairs", "build (or append to) a sharded image-OSM pair dataset for pretraining",
+        "geolink.data.shards:MakePairsConfig", "geolink.data.shards:make_pairs",
+        "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
+        "sentence-transformers/all-MiniLM-L6-v2 --out pairs/\n"
+        "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model ./minilm --out pairs/"),
+)}
 
 
-def _run_build_graphs(args: argparse.Namespace) -> int:
-    import json
-
-    from geolink.graph.tiles import build_graphs_command, merge_shards
-
-    if args.merge_shards:
-        print(json.dumps(merge_shards(args.out, progress=not args.quiet)))
-        return 0
-    summary = build_graphs_command(
-        pbf=args.pbf, vector=args.vector, out=args.out, tile_size=args.tile_size, grid=args.grid,
-        footprints=args.footprints, bbox=args.bbox, crs=args.crs, text_model=args.text_model, pooling=args.pooling,
-        text_cache=args.text_cache, tag_weights=args.tag_weights, keys=args.keys, deny_keys=args.deny_keys,
-        workers=args.workers, shard=args.shard, device=args.device, progress=not args.quiet)
-    print(json.dumps(summary))
-    return 0
+def resolve(target: str | Callable[..., Any]) -> Any:
+    """The object an import string ``"module:name"`` names (a callable is returned as it is)."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _add_tag_stats(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "tag-stats", help="count OSM tag keys into a key-frequency table",
-        description="Count, for each tag key, the OSM objects carrying it, over .osm.pbf / GeoJSON inputs, and write "
-                    "the JSON table OSMGraphBuilder(tag_weights=...) reads (keys with ':' written with spaces).")
-    parser.add_argument("inputs", nargs="+", help=".osm.pbf / .osm / GeoJSON files")
-    parser.add_argument("--out", required=True, help="output JSON file")
-    parser.add_argument("--min-count", type=int, default=1, help="drop keys seen fewer times (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+def _description(config_class: type | None, job: Job) -> str:
+    """The first paragraph of the config's docstring, in flag words (else the job's one-line help)."""
+    if config_class is None:
+        return job.help[0].upper() + job.help[1:] + "."
+    return in_flag_words(" ".join((config_class.__doc__ or "").strip().split("\n\n")[0].split()), config_class)
 
 
-def _run_tag_stats(args: argparse.Namespace) -> int:
-    from geolink.graph.tags import count_keys
-
-    table = count_keys(args.inputs, args.out, min_count=args.min_count, progress=not args.quiet)
-    print(f"wrote {len(table)} keys to {args.out}")
-    return 0
-
-
-def _add_eval(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="kNN / linear-probe evaluation of an encoder on an ImageFolder, side by side with timm models",
-        description="Frozen-feature scene-classification protocols on an ImageFolder dataset (EuroSAT, RESISC-45, "
-                    "...): the weighted kNN (L2-normalised global features, k=20, T=0.07) and/or a linear probe. "
-                    "The folder is either <data>/train + <data>/test (or val) with one sub-folder per class, or "
-                    "one sub-folder per class, split here (stratified, seeded). With --compare-timm, timm models "
-                    "are evaluated under the same protocol and printed in the same table.",
-        epilog="example: geolink eval all --model geolink_vit_large_patch16_224.neurips2025_unimodal "
-               "--data EuroSAT_RGB --compare-timm vit_large_patch16_224.mae")
-    parser.add_argument("protocol", choices=["knn", "linear", "all"], help="which protocol(s) to run")
-    parser.add_argument("--model", required=True,
-                        help="geolink folder, Hub repo, pretrained tag, or architecture name (random weights)")
-    parser.add_argument("--data", required=True, help="ImageFolder root")
-    parser.add_argument("--compare-timm", nargs="+", default=[], metavar="NAME",
-                        help="timm model(s) to evaluate alongside, e.g. vit_tiny_patch16_224")
-    parser.add_argument("--timm-pretrained", action=argparse.BooleanOptionalAction, default=True,
-                        help="load timm's pretrained weights for --compare-timm models (default: yes; downloads once)")
-    parser.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
-    parser.add_argument("--pool", choices=["avg", "token", "default"], default="avg",
-                        help="global feature: mean of patch tokens (default), cls token, or the model's own pooling")
-    parser.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
-    parser.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (default 100)")
-    parser.add_argument("--probe-lr", type=float, default=1e-3, help="linear-probe AdamW learning rate (default 1e-3)")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="held-out share per class when the folder has no train/test split (default 0.2)")
-    parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size (default 64)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="autocast precision (default auto: bf16, or fp16 on GPUs without bf16)")
-    parser.add_argument("--seed", type=int, default=0, help="split and probe seed (default 0)")
-    parser.add_argument("--output", default=None, help="also write all results to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from geolink.eval.compare import evaluate_image_folder, format_table
-
-    report = evaluate_image_folder(
-        args.model, args.data, protocols=("knn", "linear") if args.protocol == "all" else (args.protocol,),
-        compare_timm=args.compare_timm, timm_pretrained=args.timm_pretrained, img_size=args.img_size,
-        pool=args.pool, k=args.k, temperature=args.temperature, probe_epochs=args.probe_epochs,
-        probe_lr=args.probe_lr, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-        precision=args.precision, test_fraction=args.test_fraction, seed=args.seed, progress=not args.quiet)
-    print(f"{args.data}: {len(report['classes'])} classes, {report['num_train']} train / {report['num_test']} test")
-    print(format_table(report["results"]))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.output}")
-    return 0
-
-
-def _add_pretrain(subparsers: argparse._SubParsersAction) -> None:
-    from geolink.train.config import build_parser as add_train_flags
-
-    parser = subparsers.add_parser(
-        "pretrain", help="pretrain (or continue pretraining) a GeoLink model",
-        description="GeoLink pretraining (MAE + image-OSM contrastive + masked-node consistency) on one CPU/GPU or "
-                    "many with torchrun. Writes <out>/metrics.jsonl, checkpoints under <out>/checkpoints/ and the "
-                    "final from_pretrained folder <out>/final/.",
-        epilog="examples:\n  geolink pretrain --data bundled --out runs/tiny --max-steps 200 --batch-size 8\n"
-               "  torchrun --nproc_per_node 8 -m geolink.cli pretrain --arch geolink_vit_large_patch16_224 "
-               "--data shards/ --batch-size 64 --precision bf16 --out runs/vitl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_flags(parser)
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from geolink.train.config import config_from_args
-    from geolink.train.trainer import run
-
-    return run(config_from_args(args))
-
-
-def _add_make_pairs(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "make-pairs", help="build (or append to) a sharded image-OSM pair dataset for pretraining",
-        description="Pair image tiles with their OpenStreetMap graphs and store them as a sharded, append-only pair "
-                    "dataset (index.json + safetensors shards + tag vocabulary and embedding table; no pickle) that "
-                    "`geolink pretrain --data <out>`, PairShards and StreamingPairShards read. Inputs: the official "
-                    "example layout (--official-tiles), or a folder of image tiles (--images) with footprints "
-                    "(--footprints JSON, or the GeoTIFF bounds) and an OSM source (--pbf or --vector). Rerunning "
-                    "on the same --out appends new tiles and skips those already stored.",
-        epilog="examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
-               "sentence-transformers/all-MiniLM-L6-v2 --out pairs/\n"
-               "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model ./minilm --out pairs/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--official-tiles", metavar="DIR",
-                        help="official layout: DIR/<tile>/{<tile>.jpg, <tile>_{polygon,line,point}.geojson, meta.json}")
-    source.add_argument("--images", metavar="DIR", help="folder of image tiles (.jpg/.png/.tif)")
-    parser.add_argument("--footprints", metavar="JSON",
-                        help="with --images: {image file name or stem: [west, south, east, north]} in --crs "
-                             "(default: read the GeoTIFF bounds of the images)")
-    parser.add_argument("--crs", default="EPSG:4326", help="CRS of --footprints (default EPSG:4326)")
-    osm = parser.add_mutually_exclusive_group()
-    osm.add_argument("--pbf", help="with --images: .osm.pbf / .osm file (read for the tiles' extent only)")
-    osm.add_argument("--vector", help="with --images: any vector file geolink reads (GeoJSON, .gpkg, ...)")
-    parser.add_argument("--text-model", required=True,
-                        help="text model for the tag embedding table: a local folder or a Hub id "
-                             "(e.g. sentence-transformers/all-MiniLM-L6-v2, 384 wide)")
-    parser.add_argument("--pooling", default="official", help="tag pooling (default: official)")
-    parser.add_argument("--tag-weights", default="official", help="key-frequency JSON (default: the official table)")
-    parser.add_argument("--out", required=True, help="dataset folder (created, or appended to)")
-    parser.add_argument("--samples-per-shard", type=int, default=1024, help="pairs per shard file (default 1024)")
-    parser.add_argument("--device", help="text model device (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _run_make_pairs(args: argparse.Namespace) -> int:
-    import json
-
-    from geolink.data.shards import make_pairs
-    from geolink.graph.text import TagEncoder
-
-    if args.images and not (args.pbf or args.vector):
-        raise SystemExit("geolink make-pairs: --images needs an OSM source, --pbf or --vector")
-    encoder = TagEncoder(args.text_model, pooling=args.pooling, device=args.device)
-    summary = make_pairs(args.out, official_tiles_dir=args.official_tiles, images=args.images,
-                         footprints=args.footprints, pbf=args.pbf, vector=args.vector, crs=args.crs,
-                         tag_encoder=encoder, tag_weights=args.tag_weights,
-                         samples_per_shard=args.samples_per_shard, progress=not args.quiet)
-    print(json.dumps(summary))
-    return 0
-
-
-def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="run the embedded tiny GeoLink on a bundled tile and write a PNG (offline)",
-        description="Offline demo: loads the embedded pretrained geolink_tiny.demo, builds the OSM graph of a "
-                    "bundled official example tile, runs the fusion encoder and writes a PNG with the image, the OSM "
-                    "graph drawn over it and a PCA of the fused features.")
-    parser.add_argument("--out", default="geolink_demo.png", help="output PNG (default: geolink_demo.png)")
-    parser.add_argument("--tile", default=None, help="bundled tile name (default: a472140250_FI_21; "
-                                                     "`--tile list` lists them)")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from geolink.demo import DEFAULT_TILE, list_tiles, run_demo
-
-    if args.tile == "list":
-        print("\n".join(list_tiles()))
-        return 0
-    path = run_demo(args.out, args.tile or DEFAULT_TILE)
-    print(f"wrote {path.resolve()}")
-    return 0
-
-
-COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
-    "info": (_add_info, _run_info),
-    "demo": (_add_demo, _run_demo),
-    "convert": (_add_convert, _run_convert),
-    "pretrain": (_add_pretrain, _run_pretrain),
-    "build-graphs": (_add_build_graphs, _run_build_graphs),
-    "tag-stats": (_add_tag_stats, _run_tag_stats),
-    "eval": (_add_eval, _run_eval),
-    "make-pairs": (_add_make_pairs, _run_make_pairs),
-}
+def job_parser(job: Job) -> argparse.ArgumentParser:
+    """The parser of ``geolink <job>``: one flag per config field, plus ``--debug``."""
+    config_class = resolve(job.config) if job.config else None
+    parser = ArgumentParser(prog=f"geolink {job.name}", description=_description(config_class, job),
+                            epilog=job.epilog or None, formatter_class=HelpFormatter)
+    if config_class is not None:
+        add_config_arguments(parser, config_class)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full ``geolink`` argument parser (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(
-        prog="geolink",
-        description="GeoLink: remote-sensing image + OpenStreetMap foundation model. "
-                    "Run `geolink <command> --help` for the options of a command.",
-    )
+    """The top-level ``geolink`` parser: the job names and the global ``--debug`` (a job's options are parsed by
+    :func:`job_parser`)."""
+    parser = ArgumentParser(prog="geolink",
+                            description="GeoLink: remote-sensing image + OpenStreetMap foundation model. "
+                                        "Run `geolink <command> --help` for the options of a command.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (also: GEOLINK_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
-    for add_parser, _ in COMMANDS.values():
-        add_parser(subparsers)
+    for job in JOBS.values():
+        subparsers.add_parser(job.name, help=job.help, add_help=False)
     return parser
+
+
+def show(job: Job, config: Any, result: Any) -> int:
+    """Print what a job returned and give the exit code: an int is the code; the eval report becomes a table;
+    other dicts are printed as one JSON line. Jobs that return a path (convert, demo) say themselves what they
+    wrote."""
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result
+    if job.name == "eval":
+        from geolink.eval.compare import format_table
+
+        print(f"{config.data}: {len(result['classes'])} classes, {result['num_train']} train / "
+              f"{result['num_test']} test")
+        print(format_table(result["results"]))
+        if config.output is not None:
+            print(f"wrote {config.output}")
+    elif isinstance(result, dict):
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def _one_line(error: BaseException, config_class: type | None) -> str:
+    if isinstance(error, OSError) and error.filename is not None and not isinstance(error, GeoLinkError):
+        what = f"{error.strerror or type(error).__name__}: {error.filename}"
+        fix = {FileNotFoundError: "check the path", NotADirectoryError: "a folder on the path is a file",
+               FileExistsError: "a file is in the way: choose another path", IsADirectoryError: "pass a file",
+               PermissionError: "check its permissions"}
+        message = f"{what} ({next((f for k, f in fix.items() if isinstance(error, k)), 'check the path')})"
+    else:
+        message = str(error).strip() or type(error).__name__
+    message = " ".join(message.split())
+    return in_flag_words(message, config_class) if config_class is not None else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geolink`` console script; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     # torch_geometric's import triggers torch's jit.script deprecation notice: noise for a command-line user
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
-    _, run = COMMANDS[args.command]
-    return run(args)
+    parser = build_parser()
+    top, rest = parser.parse_known_args(argv)
+    if top.command is None:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.print_help()
+        return 0
+    job = JOBS[top.command]
+    debug = top.debug or os.environ.get("GEOLINK_DEBUG", "") not in ("", "0")
+    config_class = resolve(job.config) if job.config else None
+    args = job_parser(job).parse_args(rest)
+    debug = debug or args.debug
+    try:
+        config = config_from_args(config_class, args) if config_class is not None else None
+        function = resolve(job.function)
+        result = function(config) if config_class is not None else function()
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error, config_class)}", file=sys.stderr)
+        return 2
+    return show(job, config, result)
 
 
 if __name__ == "__main__":

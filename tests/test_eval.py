@@ -13,8 +13,13 @@ from PIL import Image
 
 import geolink
 from geolink.cli import main as cli_main
+from geolink.errors import ConfigError, InputError, MissingInputError
 from geolink.eval import (
+    EvalConfig,
+    Pool,
+    Protocol,
     encode_images,
+    evaluate_image_folder,
     extract_features,
     image_folder_splits,
     knn_classify,
@@ -22,6 +27,7 @@ from geolink.eval import (
     linear_probe,
     stratified_split,
 )
+from geolink.runtime import Precision
 
 # three training points on the unit circle: a = (1, 0) class 0, b and c at ±60° class 1; test point (2, 0)
 TRAIN_X = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.5, -math.sqrt(3) / 2]])
@@ -70,7 +76,7 @@ def test_linear_probe_separable_and_deterministic():
 
 def test_encode_images_same_rule_for_geolink_and_timm():
     images = torch.randn(2, 3, 32, 32)
-    encoder = geolink.create_model("geolink_tiny", component="image", img_size=32).eval()
+    encoder = geolink.create_model("geolink_tiny", component="image", image={"img_size": 32}).eval()
     tokens = encoder.forward_features(images)
     torch.testing.assert_close(encode_images(encoder, images, "avg"), tokens[:, 1:].mean(1))
     torch.testing.assert_close(encode_images(encoder, images, "token"), tokens[:, 0])
@@ -107,13 +113,18 @@ def test_stratified_split_and_image_folder(tmp_path):
 
 
 def test_knn_with_an_encoder_on_images(tmp_path):
+    # three classes of flat, differently coloured images: even a random encoder separates them
     train, test, _ = image_folder_splits(_image_folder(tmp_path / "data"), img_size=32, test_fraction=0.34)
-    encoder = geolink.create_model("geolink_tiny", component="image", img_size=32)
-    features, labels = extract_features(encoder, train, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu",
-                                        batch_size=8, progress=False)
+    torch.manual_seed(0)
+    encoder = geolink.create_model("geolink_tiny", component="image", image={"img_size": 32})
+    options = dict(mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu", progress=False)
+    features, labels = extract_features(encoder, train, batch_size=8, **options)
     assert features.shape == (len(train), 192) and labels.tolist() == sorted(labels.tolist())
-    result = knn_classify(encoder, train, test, k=5, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu", progress=False)
-    assert result["num_test"] == len(test) and 0 <= result["top1"] <= 1
+    result = knn_classify(encoder, train, test, k=5, **options)
+    assert result["num_test"] == len(test) == 6 and result["top1"] == 1.0
+    # extracting inside knn_classify is the same as passing the extracted features
+    precomputed = knn_classify(None, (features, labels), extract_features(encoder, test, **options), k=5)
+    assert precomputed == result
 
 
 def test_cli_eval_side_by_side(tmp_path, capsys):
@@ -132,7 +143,24 @@ def test_cli_eval_side_by_side(tmp_path, capsys):
     assert report["results"]["vit_tiny_patch16_224"]["knn"]["num_test"] == report["num_test"]
 
 
-def test_cli_eval_rejects_unknown_model(tmp_path):
+def test_cli_eval_rejects_unknown_model(tmp_path, capsys):
     root = _image_folder(tmp_path / "data", classes=2, per_class=2)
-    with pytest.raises(ValueError, match="cannot resolve model"):
-        cli_main(["eval", "knn", "--model", "no_such_model", "--data", str(root), "--quiet"])
+    assert cli_main(["eval", "knn", "--model", "no_such_model", "--data", str(root), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot resolve model 'no_such_model' (pass a geolink folder")
+    assert error.count("\n") == 1
+    with pytest.raises(InputError, match="cannot resolve model"):
+        evaluate_image_folder(EvalConfig("knn", model="no_such_model", data=root, quiet=True))
+
+
+def test_eval_config_types_and_validation(tmp_path):
+    config = EvalConfig("all", model="geolink_tiny", data=str(tmp_path), pool="token", output=str(tmp_path / "r.json"))
+    assert config.protocol is Protocol.ALL and config.protocol.protocols == ("knn", "linear")
+    assert config.pool is Pool.TOKEN and config.data == tmp_path and config.output == tmp_path / "r.json"
+    assert config.precision is Precision.AUTO and EvalConfig("knn", "m", tmp_path).protocol.protocols == ("knn",)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        EvalConfig("knn", "m", tmp_path, test_fraction=1.0)
+    with pytest.raises(ConfigError, match="protocol"):
+        EvalConfig("knnn", "m", tmp_path)
+    with pytest.raises(MissingInputError, match="data .* is not a folder"):
+        evaluate_image_folder(EvalConfig("knn", "geolink_tiny", tmp_path / "missing"))

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from geolink.cli import JOBS, config_from_args, job_parser
+from geolink.cli import main as cli_main
+from geolink.errors import ConfigError, MissingInputError
 from geolink.models import GeoLinkForPretraining
-from geolink.train import main
+from geolink.runtime import Precision
+from geolink.train import TrainConfig, run
 from geolink.train import trainer as trainer_module
 from geolink.train.checkpoint import latest_checkpoint
-from geolink.train.config import TrainConfig, parse_config
 
 
 @pytest.fixture
@@ -26,7 +29,16 @@ def arguments(data: Path, out: Path, steps: int, batch: int = 2, *extra: str) ->
     # UFZ graphs carry 512-wide CLIP features; no dropout so runs are comparable across process layouts
     return ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
             "--save-every", "3", "--warmup-steps", "2", "--seed", "5", "--base-lr", "0.02",
-            "--set", "text_dim=512", "--set", "fusion_dropout=0.0", *extra]
+            "--set", "osm.text_dim=512", "--set", "fusion.dropout=0.0", *extra]
+
+
+def main(argv: list[str]) -> int:
+    """``geolink pretrain <argv>``."""
+    return cli_main(["pretrain", *argv])
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    return config_from_args(TrainConfig, job_parser(JOBS["pretrain"]).parse_args(argv))
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -35,13 +47,25 @@ def read_metrics(out: Path) -> list[dict]:
 
 def test_config_flags_and_schedule():
     config = parse_config(["--max-steps", "100", "--batch-size", "8", "--accum-steps", "2", "--warmup-steps", "10",
-                           "--base-lr", "1e-3", "--set", "text_dim=512", "--set", "trunk=vit_small_patch16_224"])
-    assert config.overrides == {"text_dim": 512, "trunk": "vit_small_patch16_224"}
+                           "--base-lr", "1e-3", "--set", "osm.text_dim=512", "--set",
+                           "image.trunk=vit_small_patch16_224", "--out", "runs/x", "--precision", "bf16"])
+    assert config.overrides == {"osm.text_dim": 512, "image.trunk": "vit_small_patch16_224"}
+    assert config.out == Path("runs/x") and config.precision is Precision.BF16
+    assert config.to_dict()["out"] == "runs/x" and config.to_dict()["precision"] == "bf16"
     assert config.global_batch(world_size=4) == 64 and config.peak_lr(4) == pytest.approx(1e-3 * 64 / 256)
     assert config.lr_at(0, 4) == pytest.approx(config.peak_lr(4) / 10)
     assert config.lr_at(9, 4) == pytest.approx(config.peak_lr(4))
     assert config.lr_at(99, 4) < config.lr_at(50, 4) < config.lr_at(10, 4)
-    assert TrainConfig().precision == "auto"
+    # cosine from step 10 to 100: halfway (step 55) is half the peak
+    assert config.lr_at(55, 4) == pytest.approx(config.peak_lr(4) / 2)
+    assert TrainConfig().precision is Precision.AUTO and TrainConfig().overrides == {}
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)
+
+
+def test_a_missing_data_folder_names_the_parameter(tmp_path):
+    with pytest.raises(MissingInputError, match="data .*missing.* is not a folder"):
+        run(TrainConfig(data=str(tmp_path / "missing"), out=tmp_path / "run", max_steps=1, device="cpu"))
 
 
 def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(ufz_pairs, tmp_path):
@@ -56,8 +80,6 @@ def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(ufz_pairs, tmp
 
 
 def test_pretrain_on_the_bundled_pairs_through_the_cli(tmp_path, capsys):
-    from geolink.cli import main as cli_main
-
     out = tmp_path / "bundled"
     assert cli_main(["pretrain", "--data", "bundled", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
                      "--save-every", "1", "--seed", "1", "--precision", "bf16"]) == 0
@@ -121,16 +143,18 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(ufz_pair
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
 
 
-def test_resume_refuses_a_different_run(ufz_pairs, tmp_path):
+def test_resume_refuses_a_different_run(ufz_pairs, tmp_path, capsys):
     out = tmp_path / "run"
     main(arguments(ufz_pairs, out, 3))
-    with pytest.raises(ValueError, match="batch_size"):
-        main(arguments(ufz_pairs, out, 6, 3, "--resume"))
+    capsys.readouterr()
+    assert main(arguments(ufz_pairs, out, 6, 3, "--resume")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: resume from ") and "['batch_size'] changed" in error and error.count("\n") == 1
 
 
 def test_non_finite_loss_stops_with_the_step_and_samples(ufz_pairs, tmp_path):
     with pytest.raises(trainer_module.NonFiniteLossError, match=r"step 0: loss.*dataset samples \[\d+, \d+\]"):
-        main(arguments(ufz_pairs, tmp_path / "run", 2, 2, "--base-lr", "1e30", "--set", "temperature=0.0"))
+        main(arguments(ufz_pairs, tmp_path / "run", 2, 2, "--base-lr", "1e30", "--set", "pretraining.temperature=0.0"))
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(ufz_pairs, tmp_path):

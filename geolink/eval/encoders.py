@@ -10,7 +10,8 @@ models are compared under the same protocol:
 - anything else: ``model(images)`` must return ``[B, D]``.
 
 Model specs are strings: a geolink folder, a pretrained tag (``"geolink_vit_large_patch16_224.neurips2025"``), a
-registered architecture (random weights; for tests) or ``"timm:<name>"``.
+registered architecture (random weights; for tests) or ``"timm:<name>"``. Devices, precision and normalisation follow
+:mod:`geolink.runtime`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from geolink.errors import DataError, InputError
 from geolink.models.heads import global_features
-from geolink.models.image import IMAGENET_MEAN, IMAGENET_STD, GeoLinkImageEncoder
+from geolink.models.image import GeoLinkImageEncoder
+from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, normalise, resolve_device
+
+
+class Pool(str, Enum):
+    """How an encoder's tokens become one global vector (see :func:`encode_images`)."""
+
+    AVG = "avg"
+    TOKEN = "token"
+    DEFAULT = "default"
 
 
 @dataclass
@@ -58,19 +70,20 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
         component: ``"image"`` or ``"fusion"`` (or any :func:`geolink.create_model` component).
         timm_pretrained: for ``"timm:"`` specs, load timm's pretrained weights (downloads them once).
         warn: print a warning to stderr when the weights are random.
-        **overrides: constructor kwargs for registered architectures / timm models (e.g. ``img_size=64``).
+        **overrides: for registered architectures, config sections (``image={"img_size": 64}``, see
+            :func:`geolink.create_model`); for timm models, ``timm.create_model`` kwargs (``img_size=64``).
 
     Returns:
         The :class:`LoadedEncoder` (model in eval mode).
 
     Raises:
-        ValueError: the spec names nothing geolink knows.
+        InputError: the spec names nothing geolink knows.
     """
     from geolink import registry
 
     if spec.startswith("timm:"):
         if component != "image":
-            raise ValueError(f"{spec!r} is a timm model; only component='image' can be a timm model")
+            raise InputError(f"model {spec!r} is a timm model; only component='image' can be a timm model")
         import timm
 
         name = spec[len("timm:"):]
@@ -89,15 +102,16 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
         return LoadedEncoder(model.eval(), spec, tuple(tag.mean), tuple(tag.std))
     if spec.partition(".")[0] in registry.list_models() or Path(spec).suffix == ".json":
         if "." in spec and Path(spec).suffix != ".json":
-            raise ValueError(f"unknown pretrained tag {spec!r}; known: {', '.join(registry.list_pretrained())}")
+            raise InputError(f"model {spec!r} is not a known pretrained tag (known: "
+                             f"{', '.join(registry.list_pretrained())})")
         model = registry.create_model(spec, component=component, **overrides)
         if warn:
             print(f"warning: {spec} is an architecture name, so its weights are random; pass a pretrained tag "
                   f"({', '.join(registry.list_pretrained())}) or a converted folder for real results", file=sys.stderr)
         return LoadedEncoder(model.eval(), spec, pretrained=False)
-    raise ValueError(f"cannot resolve model {spec!r}: pass a geolink folder, a pretrained tag "
+    raise InputError(f"cannot resolve model {spec!r} (pass a geolink folder, a pretrained tag "
                      f"({', '.join(registry.list_pretrained())}), an architecture "
-                     f"({', '.join(registry.list_models())}) or 'timm:<timm model name>'")
+                     f"({', '.join(registry.list_models())}) or 'timm:<timm model name>')")
 
 
 def _norm_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -108,7 +122,7 @@ def _norm_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def encode_images(model: nn.Module, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+def encode_images(model: nn.Module, images: torch.Tensor, pool: Pool | str = Pool.AVG) -> torch.Tensor:
     """Global features ``[B, D]`` of normalised images ``[B, C, H, W]`` (see the module docstring for the rules).
 
     Args:
@@ -120,23 +134,10 @@ def encode_images(model: nn.Module, images: torch.Tensor, pool: str = "avg") -> 
     return global_features(model, images, pool)
 
 
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(images - mean) / std`` per band, for ``[B, C, H, W]`` images in ``[0, 1]``."""
-    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
-        raise ValueError(f"normalisation has {len(mean)} bands, images have {images.shape[1]}")
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, data: Iterable, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, pool: str = "avg", device: torch.device | str | None = None,
+                     std: Sequence[float] | None = None, pool: Pool | str = Pool.AVG,
+                     device: torch.device | str | None = None,
                      batch_size: int = 64, num_workers: int = 0, amp_dtype: torch.dtype | None = None,
                      progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen global features of a labelled image set.
@@ -147,16 +148,17 @@ def extract_features(model: nn.Module, data: Iterable, mean: Sequence[float] | N
             ``(images [B, C, H, W], labels [B])`` batches (e.g. a ``DataLoader``).
         mean, std: normalisation applied on the device; ``None`` = images are already normalised.
         pool: see :func:`encode_images`.
-        device: default CUDA if available.
+        device: a device name or ``"auto"``/None (CUDA when available; :func:`geolink.runtime.resolve_device`).
         batch_size, num_workers: used only when ``data`` is a ``Dataset``.
-        amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); features are returned as float32.
+        amp_dtype: autocast dtype (:func:`geolink.runtime.resolve_precision`, e.g. ``torch.bfloat16``); features are
+            returned as float32.
         progress: show a tqdm bar.
         desc: the bar's label.
 
     Returns:
         ``features [N, D]`` (float32, CPU) and ``labels [N]`` (int64, CPU).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if isinstance(data, torch.utils.data.Dataset):
         data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model = model.to(device).eval()
@@ -165,33 +167,11 @@ def extract_features(model: nn.Module, data: Iterable, mean: Sequence[float] | N
         images = images.to(device, non_blocking=True).float()
         if mean is not None and std is not None:
             images = normalise(images, mean, std)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = encode_images(model, images, pool)
         features.append(out.float().cpu())
         labels.append(torch.as_tensor(targets).long().cpu())
     if not features:
-        raise ValueError("no samples to extract features from (empty dataset)")
+        raise DataError("the dataset holds no samples to extract features from (check that it has images)")
     return torch.cat(features), torch.cat(labels)
 
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype of a ``--precision`` choice on a device (``None`` = full fp32).
-
-    ``"auto"`` is bf16 on CPU and on CUDA GPUs that support it, fp16 on older GPUs; ``"fp16"`` on CPU is refused
-    (CPU autocast is bf16 only in practice).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 autocast is for CUDA; use --precision bf16 or fp32 on CPU")
-    return torch.bfloat16 if precision == "bf16" else torch.float16

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geolink.errors import InputError
 from geolink.eval.encoders import extract_features
 from geolink.eval.metrics import classification_metrics, confusion_matrix, topk_accuracy
 
@@ -38,13 +39,13 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, test_fe
         ``[M, C]`` summed vote weights.
     """
     if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError(f"{train_features.shape[0]} training features for {train_labels.shape[0]} labels")
+        raise InputError(f"{train_features.shape[0]} training features for {train_labels.shape[0]} labels")
     if train_features.shape[0] == 0:
-        raise ValueError("the kNN training set is empty")
+        raise InputError("the kNN training set is empty")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train features have width {train_features.shape[1]}, test {test_features.shape[1]}")
+        raise InputError(f"train features have width {train_features.shape[1]}, test {test_features.shape[1]}")
     if k < 1 or temperature <= 0:
-        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+        raise InputError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     num_classes = num_classes or int(train_labels.max()) + 1
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.long().to(train.device)
@@ -95,5 +96,5 @@ def _features(encoder: nn.Module | None, data: Iterable | FeatureSet, desc: str,
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data[0], data[1].long()
     if encoder is None:
-        raise ValueError("pass an encoder, or precomputed (features, labels) tuples for both sets")
+        raise InputError("pass an encoder, or precomputed (features, labels) tuples for both sets")
     return extract_features(encoder, data, desc=desc, **extract_kwargs)

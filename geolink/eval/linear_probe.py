@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from geolink.errors import InputError
 from geolink.eval.knn import FeatureSet, _features
 from geolink.eval.metrics import classification_metrics, confusion_matrix, topk_accuracy
 from geolink.models.heads import LinearClassifier
@@ -45,7 +46,7 @@ def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_cl
         The trained head, in eval mode, on ``device``.
     """
     if features.shape[0] != labels.shape[0] or features.shape[0] == 0:
-        raise ValueError(f"need as many labels as features and at least one sample; got {features.shape[0]} "
+        raise InputError(f"need as many labels as features and at least one sample; got {features.shape[0]} "
                          f"features and {labels.shape[0]} labels")
     device = torch.device(device) if device is not None else torch.device("cpu")
     num_classes = num_classes or int(labels.max()) + 1

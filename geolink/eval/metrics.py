@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from geolink.errors import InputError
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
@@ -29,17 +31,17 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         int64 ``[C, C]``: entry ``[t, p]`` counts elements of class ``t`` predicted as ``p``.
 
     Raises:
-        ValueError: shapes differ, or a (non-ignored) id is outside ``[0, C)``.
+        InputError: shapes differ, or a (non-ignored) id is outside ``[0, C)``.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+        raise InputError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
     for name, ids in (("target", target), ("prediction", pred)):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
-            raise ValueError(f"{name} holds class id {int(ids.min()) if int(ids.min()) < 0 else int(ids.max())} "
+            raise InputError(f"{name} holds class id {int(ids.min()) if int(ids.min()) < 0 else int(ids.max())} "
                              f"outside [0, {num_classes}); set num_classes to cover every label, or mark unlabelled "
                              f"pixels with ignore_index ({ignore_index})")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
@@ -56,7 +58,7 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise InputError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -95,7 +97,7 @@ def precision_recall_f1(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _named(values: torch.Tensor, class_names: Sequence[str] | None) -> dict[str, float | None]:
     names = list(class_names) if class_names is not None else [str(i) for i in range(values.numel())]
     if len(names) != values.numel():
-        raise ValueError(f"{len(names)} class names for {values.numel()} classes")
+        raise InputError(f"{len(names)} class names for {values.numel()} classes")
     return {n: (None if math.isnan(float(v)) else float(v)) for n, v in zip(names, values)}
 
 
@@ -144,10 +146,10 @@ def change_detection_metrics(matrix: torch.Tensor) -> dict[str, Any]:
     change/no-change mIoU.
 
     Raises:
-        ValueError: the matrix is not 2×2.
+        InputError: the matrix is not 2×2.
     """
     if matrix.shape != (2, 2):
-        raise ValueError("change detection needs a 2×2 confusion matrix (no change / change), "
+        raise InputError("change detection needs a 2×2 confusion matrix (no change / change), "
                          f"got {tuple(matrix.shape)}")
     precision, recall, f1 = precision_recall_f1(matrix)
     iou = per_class_iou(matrix)
@@ -171,7 +173,7 @@ def topk_accuracy(scores: torch.Tensor, target: torch.Tensor, ks: Sequence[int] 
     """Top-k accuracy of class scores ``[N, C]`` against labels ``[N]``: ``{"top1": ..., "top5": ...}``;
     k larger than C counts as C (every sample is then correct)."""
     if scores.shape[0] != target.shape[0]:
-        raise ValueError(f"{scores.shape[0]} score rows for {target.shape[0]} labels")
+        raise InputError(f"{scores.shape[0]} score rows for {target.shape[0]} labels")
     result = {}
     for k in ks:
         top = scores.topk(min(k, scores.shape[1]), dim=1).indices

@@ -1,18 +1,21 @@
-"""GeoLink pretraining: run configuration, the training engine, checkpoints and process groups.
+"""GeoLink pretraining: the run configuration, the training engine, checkpoints and process groups.
 
-Only ``geolink.cli`` imports this package; use ``geolink.train.main(argv)`` from Python.
+From Python: ``geolink.train.run(TrainConfig(data="bundled", out="runs/tiny", max_steps=200))``; from a shell:
+``geolink pretrain --data bundled --out runs/tiny --max-steps 200`` (flags derived from :class:`TrainConfig`).
+The engine (:mod:`geolink.train.trainer`) is imported on first use of ``run`` / ``train``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from typing import Any
+
+from geolink.train.config import TrainConfig
+
+__all__ = ["TrainConfig", "run", "train"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``geolink pretrain`` as a Python call, e.g. ``main(["--data", "bundled", "--out", "runs/tiny"])``."""
-    from geolink.train.trainer import main as trainer_main
-
-    return trainer_main(argv)
-
-
-__all__ = ["main"]
+def __getattr__(name: str) -> Any:
+    if name in ("run", "train"):
+        return getattr(importlib.import_module("geolink.train.trainer"), name)
+    raise AttributeError(f"module 'geolink.train' has no attribute {name!r}")

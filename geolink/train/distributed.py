@@ -1,17 +1,19 @@
 """Process-group setup for single-process, multi-GPU and multi-node runs launched with ``torchrun``.
 
-``torchrun`` exports ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them the run is a single process.
+Rank, world size, local rank and device come from :mod:`geolink.runtime` (``torchrun``'s ``RANK``, ``WORLD_SIZE``
+and ``LOCAL_RANK``; without them the run is a single process).
 :class:`TorchDistributed` implements the collectives the pretraining losses need
 (``geolink.models.pretrain.CrossRank``): an all-gather that keeps the local slice's gradient, and an all-reduce sum.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from geolink.runtime import local_rank, rank_and_world, resolve_device
 
 
 @dataclass
@@ -36,20 +38,18 @@ def init_distributed(device: str | None = None) -> DistributedContext:
     """Join the process group when launched by ``torchrun`` (NCCL on GPUs, Gloo on CPUs) and pick the device.
 
     Args:
-        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` or None (CUDA when available); a CUDA device without an index
+            is this process's local GPU.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
-    else:
-        target = torch.device("cpu")
+    rank, world_size = rank_and_world()
+    local = local_rank()
+    target = resolve_device(device)
+    if target.type == "cuda":
+        target = torch.device("cuda", local if target.index is None else target.index)
+        torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local, device=target)
 
 
 def shutdown_distributed() -> None:

@@ -1,4 +1,4 @@
-"""The GeoLink pretraining engine: ``geolink pretrain`` / ``geolink.train.main(argv)``.
+"""The GeoLink pretraining engine: ``geolink pretrain`` / ``geolink.train.run(TrainConfig(...))``.
 
 One process or many (``torchrun``, DDP; the contrastive loss sees the global batch). Every step consumes a fixed,
 seeded slice of an endless shuffled stream of samples, and every sample's masks are seeded by its position in that
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,10 +24,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-import geolink
-from geolink.data.dataset import OfficialPairFolder, PairShards, collate_pairs
+from geolink.data.folders import OfficialPairFolder
+from geolink.data.pairs import PairShards, collate_pairs
+from geolink.errors import ConfigError, MissingInputError
+from geolink.registry import create_model, nest_overrides
+from geolink.runtime import (
+    SAMPLE_SEED_STRIDE,
+    autocast,
+    epoch_seed,
+    is_main_process,
+    param_groups,
+    rank_seed,
+    resolve_precision,
+)
 from geolink.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from geolink.train.config import RESUMABLE_CHANGES, TrainConfig, parse_config
+from geolink.train.config import RESUMABLE_CHANGES, TrainConfig
 from geolink.train.distributed import (
     DistributedContext,
     TorchDistributed,
@@ -41,7 +51,8 @@ LOSS_TERMS = ("loss", "loss_mae", "loss_contrastive", "loss_consistency")
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the message names the step, the loss terms and the samples."""
+    """A loss became NaN or infinite (a training failure, not a user input error); the message names the step, the
+    loss terms and the samples."""
 
 
 class StreamPositions(Sampler[list[int]]):
@@ -76,7 +87,7 @@ class StreamDataset(Dataset):
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.dataset))
         if epoch not in self._permutations:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._permutations = {epoch: torch.randperm(len(self.dataset), generator=generator)}
         return int(self._permutations[epoch][offset])
 
@@ -93,37 +104,24 @@ def collate_stream(items):
 
 
 def open_dataset(spec: str) -> Dataset:
-    """The training pairs named by ``--data``: ``bundled`` (the real pairs shipped in ``geolink/assets/pairs``), a
-    pair-dataset folder or URL (``index.json``, see :mod:`geolink.data.shards`), or the official UFZ layout
-    (``img/`` + ``graph/``). Pair datasets get the default training augmentation (224 × 224 crops)."""
+    """The training pairs named by ``TrainConfig.data``: ``bundled`` (the real pairs shipped in
+    ``geolink/assets/pairs``), a pair-dataset folder or URL (``index.json``, see :mod:`geolink.data.shards`), or the
+    official UFZ layout (``img/`` + ``graph/``). Pair datasets get the default training augmentation (224 × 224 crops).
+
+    Raises:
+        MissingInputError: ``spec`` is neither ``bundled``, a URL nor an existing folder.
+    """
     if spec == "bundled":
-        return PairShards(Path(geolink.__file__).parent / "assets" / "pairs", transform="train")
+        return PairShards(Path(__file__).parents[1] / "assets" / "pairs", transform="train")
     if "://" in spec:
         return PairShards(spec, transform="train")
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {spec!r}: no such folder (expected a pair dataset with index.json, the "
-                                "official layout img/ + graph/, or 'bundled')")
+        raise MissingInputError(f"data {spec!r} is not a folder (pass a pair dataset with index.json, the official "
+                                "layout img/ + graph/, or 'bundled')")
     if (path / "index.json").is_file():
         return PairShards(path, transform="train")
     return OfficialPairFolder(path)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on norms, biases, tokens and other 1-D or token tensors."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim <= 1 or name.endswith("token") or "token." in name else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def check_finite(out: dict[str, torch.Tensor], step: int, positions: torch.Tensor, context: DistributedContext,
@@ -138,17 +136,21 @@ def check_finite(out: dict[str, torch.Tensor], step: int, positions: torch.Tenso
 
 
 def resume_state(config: TrainConfig, model, optimizer, scaler, context) -> int:
-    """Load the latest checkpoint of ``config.out`` when resuming; returns the step to start from."""
-    checkpoint = latest_checkpoint(Path(config.out) / "checkpoints") if config.resume else None
+    """Load the latest checkpoint of ``config.out`` when resuming; returns the step to start from.
+
+    Raises:
+        ConfigError: the checkpoint belongs to a run with other settings (see ``RESUMABLE_CHANGES``).
+    """
+    checkpoint = latest_checkpoint(config.out / "checkpoints") if config.resume else None
     if checkpoint is None:
         return 0
     state = load_checkpoint(checkpoint, model, optimizer, context.rank)
     saved, current = state["config"], config.to_dict()
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed or state["world_size"] != context.world_size:
-        raise ValueError(f"--resume from {checkpoint} with a different run: {changed or 'world size'} changed "
-                         f"(saved {[saved.get(k) for k in changed] or state['world_size']}); "
-                         "start a new --out instead")
+        raise ConfigError(f"resume from {checkpoint} with a different run: {changed or 'world size'} changed "
+                          f"(saved {[saved.get(k) for k in changed] or state['world_size']}); "
+                          "use a new out folder for a different run")
     scaler.load_state_dict(state["scaler"])
     return int(state["step"])
 
@@ -158,7 +160,7 @@ def tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
@@ -172,14 +174,14 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 def train(config: TrainConfig) -> Path:
     """Run (or resume) pretraining; returns the folder of the final ``save_pretrained`` model."""
-    context = init_distributed(None if config.device == "auto" else config.device)
-    run_dir = Path(config.out)
+    context = init_distributed(config.device)
+    run_dir = config.out
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = geolink.create_model(config.arch, **(config.overrides or {})).to(context.device).train()
+    model = create_model(config.arch, **nest_overrides(config.overrides)).to(context.device).train()
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=0.0, betas=(0.9, 0.95))
-    dtype = autocast_dtype(config, context.device)
+    dtype = resolve_precision(config.precision, context.device)
     scaler = torch.amp.GradScaler(context.device.type, enabled=dtype == torch.float16)
-    torch.manual_seed(config.seed * 7919 + context.rank)  # this rank's dropout stream; a resume restores its state
+    torch.manual_seed(rank_seed(config.seed, context.rank))  # this rank's dropout stream; a resume restores its state
     start = resume_state(config, model, optimizer, scaler, context)
     if context.is_main:
         keep_metrics_until(run_dir / "metrics.jsonl", start)
@@ -205,8 +207,8 @@ def train(config: TrainConfig) -> Path:
             images, graphs, positions = next(batches)
             images, graphs = images.to(context.device, non_blocking=True), graphs.to(context.device)
             sync = engine.no_sync() if context.enabled and micro < config.accum_steps - 1 else nullcontext()
-            with sync, torch.autocast(context.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = engine(images, graphs, sample_seeds=positions + config.seed * 1_000_003,
+            with sync, autocast(context.device, dtype):
+                out = engine(images, graphs, sample_seeds=positions + config.seed * SAMPLE_SEED_STRIDE,
                              cross_rank=cross_rank)
             check_finite(out, step, positions, context, data)
             with sync:
@@ -250,13 +252,8 @@ def train(config: TrainConfig) -> Path:
 
 def run(config: TrainConfig) -> int:
     """Train with ``config`` and report where the results are; returns the exit code."""
-    Path(config.out).mkdir(parents=True, exist_ok=True)
+    config.out.mkdir(parents=True, exist_ok=True)
     final = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"metrics: {Path(config.out) / 'metrics.jsonl'}\nfinal model: {final}")
+    if is_main_process():
+        print(f"metrics: {config.out / 'metrics.jsonl'}\nfinal model: {final}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``geolink pretrain`` as a Python call: ``geolink.train.main(["--data", "bundled", ...])``."""
-    return run(parse_config(argv))
