@@ -1,13 +1,11 @@
 """Export global features of a folder of image tiles (optionally fused with their OSM graphs) with the tile ids.
 
 Every image under ``--data`` (recursively; PNG/JPG/TIF/``.npy``) is a tile; its id is its path relative to
-``--data`` without suffix (``city/tile_001``). Images are resized to ``--img-size``. Features are
-
-- image only: the encoder's global feature (``--pool avg``: mean of final-normed patch tokens, GeoLink's
-  contrastive pooling; ``token``: the cls token);
-- with ``--graph-dir``: the mean over positions of the fused map of the fusion encoder (``fusion_dim`` wide), the
-  image + OSM representation; the graph of tile ``<id>`` is ``<graph-dir>/<id>.safetensors`` (official layout or
-  geolink graph files, see ``finetune_multimodal_segmentation.py``).
+``--data`` without suffix (``city/tile_001``). Images are resized to ``--img-size``. Features are the image
+encoder's global feature (``--pool avg``: mean of final-normed patch tokens, GeoLink's contrastive pooling;
+``token``: the cls token), or, with ``--graph-dir``, the mean over positions of the fusion encoder's fused map (the
+image + OSM representation; tile ``<id>``'s graph is ``<graph-dir>/<id>.safetensors``, official layout or geolink
+graph files).
 
 Work is done in chunks of ``--chunk-size`` tiles written to ``<output-dir>/parts/``; a rerun skips finished chunks
 (resume after an interruption), then everything is merged into ``features.npy`` + ``ids.txt`` (``--format npy``),
@@ -22,123 +20,96 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
+from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from finetune_utils import IMAGE_SUFFIXES, read_image, seed_everything, write_metrics  # noqa: E402
-
-from geolink.eval.encoders import default_device, load_encoder, normalise, resolve_precision  # noqa: E402
-
-
-def list_tiles(root: Path) -> list[tuple[str, Path]]:
-    """``(tile id, path)`` of every image under ``root``, sorted by id."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"no folder {root}")
-    tiles = sorted((p.relative_to(root).with_suffix("").as_posix(), p) for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not tiles:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return tiles
+from geolink.cli import parse_config
+from geolink.data.transforms import resize_image
+from geolink.errors import ConfigError, DataError, MissingInputError
+from geolink.eval.encoders import encode_images, load_encoder
+from geolink.finetune import IMAGE_SUFFIXES, list_images, read_image, read_tile_graph, write_metrics
+from geolink.runtime import Precision, autocast, normalise, resolve_device, resolve_precision, seed_everything
 
 
-def load_batch(tiles: Sequence[tuple[str, Path]], size: int) -> torch.Tensor:
-    """``[B, C, size, size]`` images in ``[0, 1]`` (bilinear resize when needed)."""
-    images = []
-    for _, path in tiles:
-        image = read_image(path)
-        if image.shape[-2:] != (size, size):
-            image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False)[0]
-        images.append(image)
-    return torch.stack(images)
+@dataclass(kw_only=True)
+class ExtractConfig:
+    """Feature export of a folder of image tiles."""
 
+    data: Path = field(metadata={"help": "folder of image tiles (searched recursively)"})
+    model: str = field(default="geolink_tiny.demo", metadata={
+        "help": "geolink folder, Hub repo, pretrained tag, architecture name (random weights), or timm:<name>"})
+    graph_dir: Path | None = field(default=None, metadata={"help": "graphs per tile: export fused features"})
+    graph_vocab: Path | None = field(default=None, metadata={"help": "embedding table for compact geolink graph files"})
+    pool: str = field(default="avg", metadata={"help": "image feature pooling: avg, token or default"})
+    img_size: int = field(default=224, metadata={"help": "input size"})
+    output_dir: Path = field(default=Path("features"), metadata={"help": "output folder"})
+    format: str = field(default="both", metadata={"help": "output format: npy, safetensors or both"})
+    batch_size: int = field(default=32, metadata={"help": "batch size"})
+    chunk_size: int = field(default=4096, metadata={"help": "tiles per resumable part"})
+    precision: Precision = field(default=Precision.AUTO, metadata={"help": "autocast precision"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu or auto"})
+    seed: int = field(default=0, metadata={"help": "seed (extraction is deterministic in eval mode)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder of image tiles (searched recursively)")
-    parser.add_argument("--model", default="geolink_vit_large_patch16_224.neurips2025_unimodal",
-                        help="geolink folder, Hub repo, pretrained tag, architecture name (random weights), or "
-                             "timm:<name>; default %(default)s")
-    parser.add_argument("--graph-dir", default=None, help="graphs per tile: export fused image + OSM features")
-    parser.add_argument("--graph-vocab", default=None, help="embedding table for compact geolink graph files")
-    parser.add_argument("--pool", choices=["avg", "token", "default"], default="avg",
-                        help="image feature pooling (default avg)")
-    parser.add_argument("--img-size", type=int, default=224, help="input size (default %(default)s)")
-    parser.add_argument("--output-dir", default="features", help="output folder (default %(default)s)")
-    parser.add_argument("--format", choices=["npy", "safetensors", "both"], default="both",
-                        help="output format (default both)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="tiles per resumable part (default %(default)s)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="autocast precision (default auto)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (extraction is deterministic in eval mode)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+    def __post_init__(self) -> None:
+        if self.pool not in ("avg", "token", "default") or self.format not in ("npy", "safetensors", "both"):
+            raise ConfigError(f"pool must be avg, token or default and format npy, safetensors or both; got "
+                              f"{self.pool!r}, {self.format!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    seed_everything(args.seed)
-    root, out = Path(args.data), Path(args.output_dir)
-    tiles = list_tiles(root)
-    device = torch.device(args.device) if args.device else default_device()
-    amp_dtype = resolve_precision(args.precision, device)
-    multimodal = args.graph_dir is not None
-    # constructor overrides only reach architecture names / config JSONs / timm models (load_encoder ignores them
-    # for trained folders and tags, whose widths are fixed)
-    overrides: dict = {"img_size": args.img_size}
-    table = None
+    config = parse_config(ExtractConfig, argv, __doc__)
+    seed_everything(config.seed)
+    out, tiles, size = config.output_dir, sorted(list_images(config.data, recursive=True).items()), config.img_size
+    if not tiles:
+        raise MissingInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {config.data}")
+    device = resolve_device(config.device)
+    amp_dtype, multimodal = resolve_precision(config.precision, device), config.graph_dir is not None
+    # overrides reach architecture names and timm models only (trained folders and tags have fixed widths)
+    timm = config.model.startswith("timm:")
+    overrides: dict = {"img_size": config.img_size} if timm else {"image": {"img_size": config.img_size}}
+    table = safetensors.torch.load_file(str(config.graph_vocab))["embeddings"] if config.graph_vocab else None
     if multimodal:
-        from finetune_multimodal_segmentation import load_tile_graph
-        from torch_geometric.data import Batch
-
-        if args.graph_vocab:
-            table = safetensors.torch.load_file(args.graph_vocab)["embeddings"]
-        graph_path = lambda tile_id: Path(args.graph_dir) / f"{tile_id}.safetensors"  # noqa: E731
-        missing = [t for t, _ in tiles if not graph_path(t).is_file()]
+        missing = [t for t, _ in tiles if not (config.graph_dir / f"{t}.safetensors").is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} tiles have no graph in {args.graph_dir} (e.g. {missing[:3]})")
-        first = load_tile_graph(graph_path(tiles[0][0]), table)
-        overrides["text_dim"] = int(first["polygon"].x.shape[1])
-    loaded = load_encoder(args.model, component="fusion" if multimodal else "image", **overrides)
+            raise MissingInputError(f"{len(missing)} tiles have no graph in {config.graph_dir} (e.g. {missing[:3]})")
+        first = read_tile_graph(config.graph_dir / f"{tiles[0][0]}.safetensors", table)
+        overrides["osm"] = {"text_dim": int(first["polygon"].x.shape[1])}
+    loaded = load_encoder(config.model, component="fusion" if multimodal else "image", **overrides)
     model = loaded.model.to(device).eval()
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     started, computed = time.time(), 0
-    chunks = [tiles[i:i + args.chunk_size] for i in range(0, len(tiles), args.chunk_size)]
-    bar = tqdm(total=len(tiles), desc="features", disable=args.quiet)
+    chunks = [tiles[i:i + config.chunk_size] for i in range(0, len(tiles), config.chunk_size)]
+    bar = tqdm(total=len(tiles), desc="features", disable=config.quiet)
     for index, chunk in enumerate(chunks):
         part = parts / f"part-{index:05d}.safetensors"
         if part.is_file():
             bar.update(len(chunk))
             continue
         features = []
-        for start in range(0, len(chunk), args.batch_size):
-            batch = chunk[start:start + args.batch_size]
-            images = normalise(load_batch(batch, args.img_size).to(device), loaded.mean, loaded.std)
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                 enabled=amp_dtype is not None):
+        for start in range(0, len(chunk), config.batch_size):
+            batch = chunk[start:start + config.batch_size]
+            images = torch.stack([resize_image(read_image(path), (size, size)) for _, path in batch]).to(device)
+            images = normalise(images, loaded.mean, loaded.std)
+            with torch.no_grad(), autocast(device, amp_dtype):
                 if multimodal:
-                    graphs = Batch.from_data_list([load_tile_graph(graph_path(t), table) for t, _ in batch])
+                    graphs = Batch.from_data_list([read_tile_graph(config.graph_dir / f"{t}.safetensors", table)
+                                                   for t, _ in batch])
                     feats = model(images, graphs.to(device))[-1].mean(dim=(2, 3))
                 else:
-                    from geolink.eval.encoders import encode_images
-
-                    feats = encode_images(model, images, args.pool)
+                    feats = encode_images(model, images, config.pool)
             features.append(feats.float().cpu())
             bar.update(len(batch))
         computed += len(chunk)
@@ -154,23 +125,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         with safetensors.safe_open(str(part), framework="pt") as handle:
             part_ids = json.loads(handle.metadata()["ids"])
             if part_ids != [t for t, _ in chunks[index]]:
-                raise RuntimeError(f"{part} was written for other tiles (the folder or --chunk-size changed); "
-                                   f"delete {parts} and rerun")
+                raise DataError(f"{part} was written for other tiles (the folder or chunk_size changed); delete "
+                                f"{parts} and rerun")
             features.append(handle.get_tensor("features"))
         ids += part_ids
-    matrix = torch.cat(features)
-    if args.format in ("npy", "both"):
+    matrix, kind = torch.cat(features), "fused" if multimodal else f"image/{config.pool}"
+    if config.format in ("npy", "both"):
         np.save(out / "features.npy", matrix.numpy())
         (out / "ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
-    if args.format in ("safetensors", "both"):
+    if config.format in ("safetensors", "both"):
         safetensors.torch.save_file({"features": matrix}, str(out / "features.safetensors"),
-                                    metadata={"ids": json.dumps(ids), "model": args.model,
-                                              "kind": "fused" if multimodal else f"image/{args.pool}"})
-    write_metrics(out, {"num_tiles": len(ids), "feature_dim": int(matrix.shape[1]), "model": args.model,
-                        "kind": "fused" if multimodal else f"image/{args.pool}", "computed_now": computed,
-                        "seconds": round(seconds, 2),
+                                    metadata={"ids": json.dumps(ids), "model": config.model, "kind": kind})
+    write_metrics(out, {"num_tiles": len(ids), "feature_dim": int(matrix.shape[1]), "model": config.model,
+                        "kind": kind, "computed_now": computed, "seconds": round(seconds, 2),
                         "tiles_per_second": round(computed / seconds, 2) if computed and seconds > 0 else None,
-                        "args": vars(args)})
+                        "config": asdict(config)})
     print(f"wrote {len(ids)} × {matrix.shape[1]} features to {out}")
     return 0
 

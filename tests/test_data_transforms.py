@@ -1,18 +1,25 @@
-"""Joint augmentations: image and graph stay aligned, graphs stay valid, inputs are never modified."""
+"""The augmentation stack: image, graph and mask stay aligned, graphs stay valid, inputs are never modified, and the
+image-only transforms of the evaluation datasets stay equivalent to the torchvision stacks they replace."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from geolink.data.transforms import (
     REPRESENTATIVE_ANCHOR,
+    CenterCrop,
     ColorJitter,
     Compose,
+    ImageTransform,
+    RandomCrop,
     RandomDihedral,
     RandomFlip,
     RandomResizedCrop,
     RandomRot90,
+    Resize,
+    ResizeShortSide,
     crop_graph,
     default_train_transform,
     hflip,
@@ -203,3 +210,80 @@ def test_crop_of_graph_with_empty_types():
     assert out["line"].pos.shape == (0, 3, 2) and out["point"].pos.shape == (0, 1, 2)
     assert set(out.edge_types) == set(EDGE_TYPES)
     assert_valid(out)
+
+
+# ---------------------------------------------------------------------------------------------- image-only and masks
+GEOMETRIC = {
+    "hflip": lambda i, t, g: hflip(i, t), "vflip": lambda i, t, g: vflip(i, t), "rot3": lambda i, t, g: rot90(i, t, 3),
+    "flip": RandomFlip(1.0, 1.0), "rot90": RandomRot90(), "dihedral": RandomDihedral(), "crop": RandomCrop(12),
+    "pad_crop": RandomCrop(40, fill=7), "center": CenterCrop((10, 14)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIC))
+def test_masks_move_with_the_image_pixel_for_pixel(name):
+    mask = torch.randint(0, 5, (20, 30))
+    image = torch.stack([mask.float(), -mask.float()])  # the image carries the mask in its bands
+    for seed in range(4):
+        out_image, out_mask = GEOMETRIC[name](image, mask, torch.Generator().manual_seed(seed))
+        assert out_mask.dtype == mask.dtype and out_mask.shape == out_image.shape[-2:]
+        if name == "pad_crop":  # 20 × 30 padded at the bottom / right: masks with the fill, images with 0
+            assert out_mask.shape == (40, 40) and (out_mask[20:] == 7).all() and (out_mask[:, 30:] == 7).all()
+        real = out_mask != 7  # mask values are 0-4
+        assert torch.equal(out_mask[real], out_image[0].long()[real]) and (out_image[:, ~real] == 0).all()
+
+
+def test_image_only_calls_draw_the_same_boxes_as_joint_ones(graph):
+    image = torch.rand(3, 48, 64)
+    for transform in (RandomResizedCrop(24), default_train_transform(24), RandomCrop(16), RandomDihedral()):
+        alone, target = transform(image, None, torch.Generator().manual_seed(3))
+        joint, _ = transform(image, graph, torch.Generator().manual_seed(3))
+        assert target is None and torch.equal(alone, joint)
+
+
+def test_resized_crop_resizes_masks_nearest_and_tuples_carry_mask_and_graph(graph):
+    mask = torch.randint(0, 4, (48, 64))
+    image = torch.rand(3, 48, 64)
+    out_image, (out_mask, out_graph) = Compose([RandomResizedCrop(24), RandomFlip()])(
+        image, (mask, graph), torch.Generator().manual_seed(0))
+    alone_image, alone_graph = Compose([RandomResizedCrop(24), RandomFlip()])(image, graph,
+                                                                             torch.Generator().manual_seed(0))
+    assert out_mask.shape == (24, 24) and set(out_mask.unique().tolist()) <= set(mask.unique().tolist())
+    assert torch.equal(out_image, alone_image)
+    for t in NODE_TYPES:
+        assert torch.equal(out_graph[t].pos, alone_graph[t].pos)
+    resized_image, resized_mask = Resize((24, 32))(image, mask)
+    assert resized_image.shape == (3, 24, 32) and torch.equal(resized_mask, mask[::2, ::2])  # nearest: every 2nd
+
+
+def test_center_crop_and_short_side_resize_match_torchvision():
+    from torchvision.transforms import functional as tvf
+
+    image = torch.rand(3, 50, 81)
+    resized, _ = ResizeShortSide(32, interpolation="bicubic")(image)
+    expected = tvf.resize(image, 32, interpolation=tvf.InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    assert resized.shape == expected.shape == (3, 32, 51)
+    torch.testing.assert_close(resized, expected)
+    cropped, _ = CenterCrop(32)(resized)
+    assert torch.equal(cropped, tvf.center_crop(resized, [32, 32]))
+
+
+def test_eval_and_train_transforms_of_pil_images_stay_close_to_the_torchvision_stacks():
+    from PIL import Image
+    from torchvision import transforms as tv
+
+    from geolink.eval.data import eval_transform, train_transform
+
+    pixels = (np.add.outer(np.arange(60), np.arange(90))[..., None] * np.array([1, 2, 3]) % 256).astype(np.uint8)
+    picture = Image.fromarray(pixels)
+    ours = eval_transform(32)(picture)
+    theirs = tv.Compose([tv.Resize(32, interpolation=tv.InterpolationMode.BICUBIC, antialias=True), tv.CenterCrop(32),
+                         tv.ToTensor()])(picture)
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (3, 32, 32)
+    assert (ours - theirs).abs().mean() < 0.02  # PIL's and torch's bicubic kernels differ by rounding only
+    augmented = train_transform(32)(picture)
+    levels = augmented * 255
+    # bicubic on 8-bit input is rounded back to 8 bits (its overshoot clamped), as PIL does
+    assert augmented.shape == (3, 32, 32) and (levels - levels.round()).abs().max() < 1e-4
+    assert torch.equal(ImageTransform(Compose([]))(torch.from_numpy(pixels).permute(2, 0, 1)),
+                       torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)

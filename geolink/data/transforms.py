@@ -1,19 +1,28 @@
-"""Joint image + OSM-graph augmentations that keep the two aligned.
+"""The one augmentation stack: image transforms that carry aligned targets (OSM graphs, masks) along.
 
-Owns :class:`JointTransform` and its implementations. A transform maps ``(image, graph, generator)`` to a new
-``(image, graph)``: ``image`` is a float ``[C, H, W]`` tensor in ``[0, 1]`` or uint8 in ``[0, 255]`` (the first
-transform that computes on pixels converts it to float; normalisation comes after augmentation, in the dataset),
-``graph`` a DESIGN §3 ``HeteroData`` (compact ``tags``/``tag_weight`` or ``x``, all nine edge types). Anchors are
-normalised image coordinates (``u`` left→right, ``v`` top→bottom), so geometric transforms of the image are
-mirrored exactly on ``g[t].pos``. Randomness comes only from the ``torch.Generator`` argument (the global RNG when
-None), so a seeded generator reproduces a sample exactly. The input graph is never modified: outputs are shallow
-copies with new tensors where something changed.
+Owns :class:`JointTransform` and its implementations. A transform maps ``(image, target, generator)`` to a new
+``(image, target)``: ``image`` is a float ``[C, H, W]`` tensor in ``[0, 1]`` or uint8 in ``[0, 255]`` (the first
+transform that computes on pixels converts it to float; normalisation comes after augmentation, with
+:func:`geolink.runtime.normalise`). The target follows every geometric step of the image:
 
-Crop semantics: a node survives a crop when its **representative anchor** lies inside the crop (closed box):
-the centroid for polygons (last anchor) and lines (first anchor), the point itself for points. Its anchors are then
-renormalised to the crop and clamped to ``[0, 1]``; edges survive when both ends survive and are re-indexed with a
-vectorised lookup; ``edge_attr`` rows are kept. Delaunay point edges are not recomputed (the survivors keep their
-original triangulation edges).
+- ``None``: image-only augmentation (scene classification, :class:`ImageTransform` for torchvision-style datasets);
+- a DESIGN §3 ``HeteroData`` graph (compact ``tags``/``tag_weight`` or ``x``, all nine edge types): anchors are
+  normalised image coordinates (``u`` left→right, ``v`` top→bottom), so geometric transforms of the image are
+  mirrored exactly on ``g[t].pos``;
+- a mask tensor ``[H, W]`` (class ids): cropped, flipped and turned with the image, resized nearest-neighbour,
+  padded with the transform's ``fill``;
+- a tuple or list of those (e.g. ``(mask, graph)``), each moved the same way.
+
+Several co-registered images (the two dates of change detection) are stacked along the band axis and move as one.
+Randomness comes only from the ``torch.Generator`` argument (the global RNG when None), so a seeded generator
+reproduces a sample exactly. Inputs are never modified: graph outputs are shallow copies with new tensors where
+something changed.
+
+Crop semantics for graphs: a node survives a crop when its **representative anchor** lies inside the crop (closed
+box): the centroid for polygons (last anchor) and lines (first anchor), the point itself for points. Its anchors are
+then renormalised to the crop and clamped to ``[0, 1]``; edges survive when both ends survive and are re-indexed
+with a vectorised lookup; ``edge_attr`` rows are kept. Delaunay point edges are not recomputed (the survivors keep
+their original triangulation edges).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +42,9 @@ from geolink.graph.schema import NODE_TYPES
 
 REPRESENTATIVE_ANCHOR: dict[str, int] = {"polygon": 3, "line": 0, "point": 0}
 """Index in ``g[t].pos[:, :, :]`` of the anchor that decides whether a node survives a crop (the centroid)."""
+
+Target = HeteroData | torch.Tensor | tuple | list | None
+"""What a transform carries along with the image (see the module docstring)."""
 
 
 def as_float(image: torch.Tensor) -> torch.Tensor:
@@ -56,13 +69,28 @@ def _map_pos(graph: HeteroData, fn) -> HeteroData:
     return out
 
 
+def map_target(target: Target, graph_fn: Callable[[HeteroData], HeteroData],
+               mask_fn: Callable[[torch.Tensor], torch.Tensor]) -> Target:
+    """Apply ``graph_fn`` to graphs and ``mask_fn`` to masks in ``target`` (None, one of them, or a tuple/list)."""
+    if target is None:
+        return None
+    if isinstance(target, HeteroData):
+        return graph_fn(target)
+    if isinstance(target, torch.Tensor):
+        return mask_fn(target)
+    if isinstance(target, (tuple, list)):
+        return type(target)(map_target(t, graph_fn, mask_fn) for t in target)
+    raise TypeError(f"a transform target is None, a HeteroData graph, a mask tensor or a tuple of them; got "
+                    f"{type(target).__name__}")
+
+
 class JointTransform(ABC):
-    """Base class: ``transform(image [C, H, W], graph, generator) -> (image, graph)``."""
+    """Base class: ``transform(image [C, H, W], target, generator) -> (image, target)``."""
 
     @abstractmethod
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
-        """Return the transformed ``(image, graph)``; draw randomness only from ``generator``."""
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
+        """Return the transformed ``(image, target)``; draw randomness only from ``generator``."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -75,11 +103,30 @@ class Compose(JointTransform):
     def __init__(self, transforms: Sequence[JointTransform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         for transform in self.transforms:
-            image, graph = transform(image, graph, generator)
-        return image, graph
+            image, target = transform(image, target, generator)
+        return image, target
+
+
+class ImageTransform:
+    """A joint transform as a one-argument image transform, for torchvision-style datasets (``ImageFolder``).
+
+    Takes a PIL image or a ``[C, H, W]`` tensor (uint8 or float in ``[0, 1]``) and returns float ``[C, H, W]`` in
+    ``[0, 1]``; randomness comes from the global torch RNG, as with torchvision's transforms.
+    """
+
+    def __init__(self, transform: JointTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return as_float(self.transform(image)[0])
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.transform!r})"
 
 
 # ---------------------------------------------------------------------------------------------- crop
@@ -143,23 +190,26 @@ def crop_graph(graph: HeteroData, box: tuple[float, float, float, float]) -> Het
 
 
 class RandomResizedCrop(JointTransform):
-    """Crop a random area/aspect box (torchvision's sampling) and resize it to ``size``; nodes follow the crop.
+    """Crop a random area/aspect box (torchvision's sampling) and resize it to ``size``; targets follow the crop.
 
     Args:
         size: output ``(H, W)`` or one int for a square.
         scale: range of the crop area as a fraction of the image area.
         ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
-        antialias: antialias when downsampling (bilinear).
+        antialias: antialias when downsampling.
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (images; masks are always resized nearest-neighbour).
     """
 
     def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.4, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), antialias: bool = True) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), antialias: bool = True,
+                 interpolation: str = "bilinear") -> None:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
         if not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
         self.scale, self.ratio, self.antialias = tuple(scale), tuple(ratio), antialias
+        self.interpolation = _check_interpolation(interpolation)
 
     def sample_box(self, height: int, width: int, generator: torch.Generator | None = None
                    ) -> tuple[int, int, int, int]:
@@ -184,72 +234,168 @@ class RandomResizedCrop(JointTransform):
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         height, width = image.shape[-2:]
         top, left, h, w = self.sample_box(height, width, generator)
-        patch = image[..., top:top + h, left:left + w]
-        patch = resize_image(patch, self.size, self.antialias)
-        return patch, crop_graph(graph, (left / width, top / height, w / width, h / height))
+        patch = resize_image(image[..., top:top + h, left:left + w], self.size, self.antialias, self.interpolation)
+        return patch, map_target(target, lambda g: crop_graph(g, (left / width, top / height, w / width, h / height)),
+                                 lambda m: resize_mask(m[..., top:top + h, left:left + w], self.size))
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    """Bilinear resize of ``[C, H, W]`` to ``[C, *size]``, keeping the dtype.
+def _check_interpolation(interpolation: str) -> str:
+    if interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
+    return interpolation
 
-    uint8 images are resized as uint8 (PyTorch's fused CPU kernel, about 3× faster than float); float images as
-    float. A no-op when the image already has that size.
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], antialias: bool = True,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize ``[C, H, W]`` to ``[C, *size]`` (bilinear or bicubic), keeping the dtype.
+
+    Bilinear uint8 images are resized as uint8 (PyTorch's fused CPU kernel, about 3× faster than float); everything
+    else as float (bicubic results are clamped to the input range, ``[0, 1]``, or rounded back to uint8). A no-op
+    when the image already has that size.
     """
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     shrink = image.shape[-2] > size[0] or image.shape[-1] > size[1]
-    if image.dtype == torch.uint8:  # the uint8 kernel is the antialiased one; antialias changes nothing when growing
+    if image.dtype == torch.uint8 and interpolation == "bilinear":
+        # the uint8 kernel is the antialiased one; antialias changes nothing when growing
         return F.interpolate(image.unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False,
                              antialias=True)[0]
-    return F.interpolate(image.float().unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False,
-                         antialias=antialias and shrink)[0]
+    out = F.interpolate(image.float().unsqueeze(0), size=tuple(size), mode=interpolation, align_corners=False,
+                        antialias=antialias and shrink)[0]
+    if interpolation == "bicubic":  # cubic weights overshoot
+        out = out.round_().clamp_(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out.clamp_(0.0, 1.0)
+    return out
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a class-id mask ``[..., H, W]`` to ``size`` (a no-op at that size)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    flat = mask.reshape(1, -1, *mask.shape[-2:]).float()
+    return F.interpolate(flat, size=tuple(size), mode="nearest")[0].reshape(*mask.shape[:-2], *size).to(mask.dtype)
 
 
 class Resize(JointTransform):
-    """Resize the image to ``size`` (no randomness). Normalised anchors are unchanged by a resize."""
+    """Resize the image to ``size`` (no randomness); masks nearest-neighbour, graph anchors unchanged (they are
+    normalised coordinates)."""
 
-    def __init__(self, size: int | tuple[int, int], antialias: bool = True) -> None:
+    def __init__(self, size: int | tuple[int, int], antialias: bool = True, interpolation: str = "bilinear") -> None:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.antialias = antialias
+        self.antialias, self.interpolation = antialias, _check_interpolation(interpolation)
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
-        return resize_image(image, self.size, self.antialias), graph
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
+        return (resize_image(image, self.size, self.antialias, self.interpolation),
+                map_target(target, lambda g: g, lambda m: resize_mask(m, self.size)))
+
+
+class ResizeShortSide(JointTransform):
+    """Resize so the shorter side is ``size``, keeping the aspect ratio (torchvision's ``Resize(int)``: the longer
+    side becomes ``int(size × long / short)``); masks nearest-neighbour, graph anchors unchanged."""
+
+    def __init__(self, size: int, antialias: bool = True, interpolation: str = "bilinear") -> None:
+        self.size, self.antialias, self.interpolation = size, antialias, _check_interpolation(interpolation)
+
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
+        height, width = image.shape[-2:]
+        size = ((self.size, int(self.size * width / height)) if height <= width
+                else (int(self.size * height / width), self.size))
+        return Resize(size, self.antialias, self.interpolation)(image, target)
+
+
+def crop(image: torch.Tensor, target: Target, top: int, left: int, height: int, width: int, fill: int = 0
+         ) -> tuple[torch.Tensor, Target]:
+    """The pixel box ``(top, left, height, width)`` of image and target; a box reaching past the bottom / right
+    edge is padded there (image with 0, masks with ``fill``; graphs need nothing: no node lies outside)."""
+    full_h, full_w = image.shape[-2:]
+    pad_h, pad_w = max(0, top + height - full_h), max(0, left + width - full_w)
+
+    def cut(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        if pad_h or pad_w:
+            tensor = pad_bottom_right(tensor, pad_h, pad_w, value)
+        return tensor[..., top:top + height, left:left + width]
+
+    box = (left / full_w, top / full_h, width / full_w, height / full_h)
+    return cut(image, 0), map_target(target, lambda g: crop_graph(g, box), lambda m: cut(m, fill))
+
+
+def pad_bottom_right(tensor: torch.Tensor, pad_h: int, pad_w: int, value: float = 0) -> torch.Tensor:
+    """Pad the last two axes of ``tensor`` (image ``[C, H, W]`` or mask ``[H, W]``) by ``pad_h`` rows and ``pad_w``
+    columns of ``value`` at the bottom / right."""
+    return F.pad(tensor, (0, pad_w, 0, pad_h), value=value) if pad_h or pad_w else tensor
+
+
+class RandomCrop(JointTransform):
+    """A ``size`` crop at a uniformly drawn position; images smaller than ``size`` are padded at the bottom / right
+    first (image with 0, masks with ``fill``, e.g. the ignore index), so every output is ``size``."""
+
+    def __init__(self, size: int | tuple[int, int], fill: int = 255) -> None:
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.fill = fill
+
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
+        height, width = image.shape[-2:]
+        top = int(torch.randint(0, max(0, height - self.size[0]) + 1, (), generator=generator))
+        left = int(torch.randint(0, max(0, width - self.size[1]) + 1, (), generator=generator))
+        return crop(image, target, top, left, *self.size, fill=self.fill)
+
+
+class CenterCrop(JointTransform):
+    """The central ``size`` box (torchvision's rounding: ``top = round((H - h) / 2)``); smaller images are padded
+    at the bottom / right (masks with ``fill``)."""
+
+    def __init__(self, size: int | tuple[int, int], fill: int = 255) -> None:
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.fill = fill
+
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
+        height, width = image.shape[-2:]
+        top = max(0, int(round((height - self.size[0]) / 2.0)))
+        left = max(0, int(round((width - self.size[1]) / 2.0)))
+        return crop(image, target, top, left, *self.size, fill=self.fill)
 
 
 # ---------------------------------------------------------------------------------------------- flips, rotations
 
 
-def hflip(image: torch.Tensor, graph: HeteroData) -> tuple[torch.Tensor, HeteroData]:
-    """Mirror left↔right: image columns reversed, ``u → 1 - u``."""
-    scale, shift = torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 0.0])
-    return image.flip(-1), _map_pos(graph, lambda pos: pos * scale + shift)
+def _flip_graph(graph: HeteroData, flip_u: bool, flip_v: bool) -> HeteroData:
+    scale = torch.tensor([-1.0 if flip_u else 1.0, -1.0 if flip_v else 1.0])
+    shift = torch.tensor([1.0 if flip_u else 0.0, 1.0 if flip_v else 0.0])
+    return _map_pos(graph, lambda pos: pos * scale + shift)  # both flips in one pass
 
 
-def vflip(image: torch.Tensor, graph: HeteroData) -> tuple[torch.Tensor, HeteroData]:
-    """Mirror top↔bottom: image rows reversed, ``v → 1 - v``."""
-    scale, shift = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0])
-    return image.flip(-2), _map_pos(graph, lambda pos: pos * scale + shift)
+def hflip(image: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, Target]:
+    """Mirror left↔right: image (and mask) columns reversed, ``u → 1 - u``."""
+    return image.flip(-1), map_target(target, lambda g: _flip_graph(g, True, False), lambda m: m.flip(-1))
 
 
-def rot90(image: torch.Tensor, graph: HeteroData, k: int = 1) -> tuple[torch.Tensor, HeteroData]:
+def vflip(image: torch.Tensor, target: Target = None) -> tuple[torch.Tensor, Target]:
+    """Mirror top↔bottom: image (and mask) rows reversed, ``v → 1 - v``."""
+    return image.flip(-2), map_target(target, lambda g: _flip_graph(g, False, True), lambda m: m.flip(-2))
+
+
+def _turn(pos: torch.Tensor, k: int, mirror: bool = False) -> torch.Tensor:
+    u, v = pos[..., 0], pos[..., 1]
+    for _ in range(k):
+        u, v = v, 1.0 - u
+    return torch.stack([1.0 - u if mirror else u, v], dim=-1)
+
+
+def rot90(image: torch.Tensor, target: Target = None, k: int = 1) -> tuple[torch.Tensor, Target]:
     """Rotate by ``k × 90°`` counter-clockwise (``torch.rot90`` over (H, W)); one quarter turn maps an anchor
     ``(u, v) → (v, 1 - u)``."""
     k %= 4
     if k == 0:
-        return image, graph
-
-    def turn(pos: torch.Tensor) -> torch.Tensor:
-        u, v = pos[..., 0], pos[..., 1]
-        for _ in range(k):
-            u, v = v, 1.0 - u
-        return torch.stack([u, v], dim=-1)
-
-    return torch.rot90(image, k, dims=(-2, -1)), _map_pos(graph, turn)
+        return image, target
+    return torch.rot90(image, k, dims=(-2, -1)), map_target(target, lambda g: _map_pos(g, lambda p: _turn(p, k)),
+                                                            lambda m: torch.rot90(m, k, dims=(-2, -1)))
 
 
 class RandomFlip(JointTransform):
@@ -258,16 +404,14 @@ class RandomFlip(JointTransform):
     def __init__(self, horizontal: float = 0.5, vertical: float = 0.5) -> None:
         self.horizontal, self.vertical = float(horizontal), float(vertical)
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         draws = torch.rand(2, generator=generator)
         flip_u, flip_v = bool(draws[0] < self.horizontal), bool(draws[1] < self.vertical)
         if not (flip_u or flip_v):
-            return image, graph
+            return image, target
         dims = [d for d, flip in ((-1, flip_u), (-2, flip_v)) if flip]
-        scale = torch.tensor([-1.0 if flip_u else 1.0, -1.0 if flip_v else 1.0])
-        shift = torch.tensor([1.0 if flip_u else 0.0, 1.0 if flip_v else 0.0])
-        return image.flip(dims), _map_pos(graph, lambda pos: pos * scale + shift)  # both flips in one pass
+        return image.flip(dims), map_target(target, lambda g: _flip_graph(g, flip_u, flip_v), lambda m: m.flip(dims))
 
 
 class RandomRot90(JointTransform):
@@ -276,10 +420,10 @@ class RandomRot90(JointTransform):
     def __init__(self, ks: Sequence[int] = (0, 1, 2, 3)) -> None:
         self.ks = tuple(int(k) for k in ks)
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         k = self.ks[int(torch.randint(0, len(self.ks), (), generator=generator))]
-        return rot90(image, graph, k)
+        return rot90(image, target, k)
 
 
 class RandomDihedral(JointTransform):
@@ -290,24 +434,19 @@ class RandomDihedral(JointTransform):
     turn), applied as one image operation and one anchor map instead of up to three.
     """
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         code = int(torch.randint(0, 8, (), generator=generator))
         k, mirror = code % 4, code >= 4
         if k == 0 and not mirror:
-            return image, graph
-        if k:
-            image = torch.rot90(image, k, dims=(-2, -1))
-        if mirror:
-            image = image.flip(-1)
+            return image, target
 
-        def move(pos: torch.Tensor) -> torch.Tensor:
-            u, v = pos[..., 0], pos[..., 1]
-            for _ in range(k):
-                u, v = v, 1.0 - u
-            return torch.stack([1.0 - u if mirror else u, v], dim=-1)
+        def move(raster: torch.Tensor) -> torch.Tensor:
+            if k:
+                raster = torch.rot90(raster, k, dims=(-2, -1))
+            return raster.flip(-1) if mirror else raster
 
-        return image, _map_pos(graph, move)
+        return move(image), map_target(target, lambda g: _map_pos(g, lambda p: _turn(p, k, mirror)), move)
 
 
 # ---------------------------------------------------------------------------------------------- colour
@@ -317,7 +456,7 @@ class ColorJitter(JointTransform):
     """Random brightness, contrast and saturation (in that order) on the image only, with probability ``p``.
 
     Each factor is drawn uniformly from ``[1 - amount, 1 + amount]``; the image (``[3, H, W]`` in ``[0, 1]``) is
-    clamped to ``[0, 1]`` once, at the end (the three steps are fused into one affine map). The graph is returned
+    clamped to ``[0, 1]`` once, at the end (the three steps are fused into one affine map). The target is returned
     unchanged (the same object).
     """
 
@@ -326,23 +465,23 @@ class ColorJitter(JointTransform):
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, p: float = 0.8) -> None:
         self.brightness, self.contrast, self.saturation, self.p = brightness, contrast, saturation, p
 
-    def __call__(self, image: torch.Tensor, graph: HeteroData, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, HeteroData]:
+    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, Target]:
         draws = torch.rand(4, generator=generator)
         if draws[0] >= self.p:
-            return image, graph
+            return image, target
         b, c, s = (1 + amount * (2 * float(d) - 1) for amount, d in
                    zip((self.brightness, self.contrast, self.saturation), draws[1:]))
         image = as_float(image)
         if image.shape[0] != 3:
             mean = float(image.mean())
-            return image.mul(b * c).add_(mean * b * (1 - c)).clamp_(0.0, 1.0), graph
+            return image.mul(b * c).add_(mean * b * (1 - c)).clamp_(0.0, 1.0), target
         # brightness (x·b), contrast ((x - m)·c + m, m = mean grey) and saturation ((x - grey)·s + grey) compose
         # into one affine map of the image and its grey level: s·b·c·x + (1 - s)·b·c·grey + b·(1 - c)·m.
         gray = torch.matmul(self._luma, image.reshape(3, -1)).reshape(1, *image.shape[1:])
         shift = b * (1 - c) * float(gray.mean())
         out = image.mul(s * b * c).add_(gray, alpha=(1 - s) * b * c).add_(shift)
-        return out.clamp_(0.0, 1.0), graph
+        return out.clamp_(0.0, 1.0), target
 
 
 def default_train_transform(size: int = 224) -> Compose:

@@ -1,8 +1,8 @@
 """Image-folder datasets for the evaluation protocols: loading, resizing and deterministic train/test splits.
 
-Datasets here yield ``(image [C, H, W] float in [0, 1], label)``; normalisation is the encoder's business (see
-:func:`geolink.eval.encoders.extract_features`), so the same loader feeds a geolink encoder and a timm model with
-different means and stds. Layouts accepted by :func:`image_folder_splits`:
+Datasets here yield ``(image [C, H, W] float in [0, 1], label)``, augmented with :mod:`geolink.data.transforms`;
+normalisation is the encoder's business (see :func:`geolink.eval.encoders.extract_features`), so the same loader
+feeds a geolink encoder and a timm model with different means and stds. Layouts accepted by :func:`image_folder_splits`:
 
 - ``root/train/<class>/*.jpg`` + ``root/test/<class>/*`` (or ``val/``), e.g. prepared RESISC-45 / EuroSAT splits;
 - ``root/<class>/*.jpg`` (EuroSAT and RESISC-45 as they ship): split here, stratified per class and seeded.
@@ -11,36 +11,36 @@ different means and stds. Layouts accepted by :func:`image_folder_splits`:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
+
+from geolink.data.transforms import (
+    CenterCrop,
+    Compose,
+    ImageTransform,
+    RandomFlip,
+    RandomResizedCrop,
+    ResizeShortSide,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 TEST_SPLIT_NAMES = ("test", "val", "validation")
 
 
-def eval_transform(img_size: int) -> transforms.Compose:
-    """Resize the short side to ``img_size``, centre-crop ``img_size``², convert to a float tensor in ``[0, 1]``."""
-    return transforms.Compose([
-        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-    ])
+def eval_transform(img_size: int) -> ImageTransform:
+    """Resize the short side to ``img_size`` (bicubic), centre-crop ``img_size``², float tensor in ``[0, 1]``."""
+    return ImageTransform(Compose([ResizeShortSide(img_size, interpolation="bicubic"), CenterCrop(img_size)]))
 
 
-def train_transform(img_size: int) -> transforms.Compose:
-    """Fine-tuning augmentation: random resized crop (scale 0.5–1), horizontal and vertical flips (overhead
-    imagery has no canonical up), tensor in ``[0, 1]``."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=transforms.InterpolationMode.BICUBIC,
-                                     antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.ToTensor(),
-    ])
+def train_transform(img_size: int) -> ImageTransform:
+    """Fine-tuning augmentation: random resized crop (scale 0.5–1, bicubic), horizontal and vertical flips
+    (overhead imagery has no canonical up), float tensor in ``[0, 1]``."""
+    return ImageTransform(Compose([RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation="bicubic"),
+                                   RandomFlip()]))
 
 
 def _rgb_loader(path: str):
@@ -50,7 +50,7 @@ def _rgb_loader(path: str):
         return Image.open(handle).convert("RGB")
 
 
-def image_folder(root: str | Path, transform: transforms.Compose | None = None) -> datasets.ImageFolder:
+def image_folder(root: str | Path, transform: Callable | None = None) -> datasets.ImageFolder:
     """A torchvision ``ImageFolder`` (classes = sorted sub-folder names) with images converted to RGB.
 
     Raises:

@@ -1,10 +1,17 @@
 """Training checkpoints: safetensors + JSON only, written atomically, resumable exactly.
 
-A checkpoint is a folder ``checkpoints/step_00000100/`` holding ``model.safetensors``, ``optimizer.safetensors`` +
-``optimizer.json`` (the optimizer state flattened to tensors + structure), ``rng_rank<r>.safetensors`` (every
-process's torch RNG states) and ``state.json`` (step, run config, gradient-scaler state). It is written under a
-temporary name and renamed into place, then ``checkpoints/latest`` is replaced atomically: a run killed at any moment
-leaves the previous checkpoint intact and never a half-written one that ``--resume`` would pick up.
+A checkpoint is a folder holding ``model.safetensors``, ``state.json`` (whatever the job needs to continue: step or
+epoch, run config, gradient-scaler state, history, ...) and, when it carries training state, ``optimizer.safetensors``
++ ``optimizer.json`` (the optimizer state flattened to tensors + structure) and ``rng_rank<r>.safetensors`` (every
+process's torch RNG states). :func:`write_checkpoint` writes it under a temporary name and renames it into place, so
+a run killed at any moment leaves either the previous checkpoint or the new one, never a half-written one:
+
+- pretraining (:func:`save_checkpoint`) keeps ``checkpoints/step_00000100/`` folders and a ``checkpoints/latest``
+  pointer replaced atomically (:func:`latest_checkpoint`);
+- fine-tuning (``geolink.finetune``) rewrites fixed folders (``last/``, ``best/``): the previous one is moved aside
+  before the new one is renamed in, and :func:`find_checkpoint` falls back to it if a kill came in between.
+
+Weights load strictly (:func:`geolink.hub.load_state_dict_checked`); nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import safetensors.torch
 import torch
 
 LATEST = "latest"
+STATE_NAME = "state.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -52,48 +61,91 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler_state: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
-                    keep: int = 2) -> Path:
-    """Write the checkpoint of ``step`` under ``folder`` (every rank calls this; rank 0 writes the shared files).
+def _aside(final: Path) -> Path:
+    """Where :func:`write_checkpoint` keeps the previous content of ``final`` while replacing it."""
+    return final.with_name(f".{final.name}.previous")
+
+
+def write_checkpoint(final: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                     state: dict[str, Any], rank: int = 0, world_size: int = 1) -> Path:
+    """Write a checkpoint folder ``final`` atomically (every rank calls this; rank 0 writes the shared files).
+
+    Args:
+        final: the checkpoint folder; an existing one is replaced.
+        model: its ``state_dict`` becomes ``model.safetensors``.
+        optimizer: saved with every rank's RNG states; None writes weights and ``state.json`` only.
+        state: JSON content of ``state.json``.
+        rank, world_size: this process in a distributed run.
 
     Returns:
-        The checkpoint folder.
+        ``final``.
     """
     import torch.distributed as dist
 
-    folder = Path(folder)
-    final = folder / f"step_{step:08d}"
-    staging = folder / f".step_{step:08d}.partial"
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.partial")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     if world_size > 1:
         dist.barrier()
-    safetensors.torch.save_file(_rng_state(), str(staging / f"rng_rank{rank}.safetensors"))
+    if optimizer is not None:
+        safetensors.torch.save_file(_rng_state(), str(staging / f"rng_rank{rank}.safetensors"))
     if rank == 0:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(weights, str(staging / "model.safetensors"))
-        tensors, structure = _flatten_optimizer(optimizer.state_dict())
-        safetensors.torch.save_file(tensors, str(staging / "optimizer.safetensors"))
-        _write_json(staging / "optimizer.json", structure)
+        safetensors.torch.save_file(weights, str(staging / WEIGHTS_NAME))
+        if optimizer is not None:
+            tensors, structure = _flatten_optimizer(optimizer.state_dict())
+            safetensors.torch.save_file(tensors, str(staging / "optimizer.safetensors"))
+            _write_json(staging / "optimizer.json", structure)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        _write_json(staging / "state.json", {"step": step, "world_size": world_size, "config": config,
-                                             "scaler": scaler_state})
+        _write_json(staging / STATE_NAME, state)
         for path in staging.iterdir():  # make the bytes durable before the rename publishes them
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        aside = _aside(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        if final.exists():
+            os.replace(final, aside)
         os.replace(staging, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    if world_size > 1:
+        dist.barrier()
+    return final
+
+
+def find_checkpoint(final: str | Path) -> Path | None:
+    """The complete checkpoint written to ``final`` by :func:`write_checkpoint` (the previous one when a kill
+    interrupted its replacement), or None when there is none."""
+    for path in (Path(final), _aside(Path(final))):
+        if (path / STATE_NAME).is_file():
+            return path
+    return None
+
+
+def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler_state: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
+                    keep: int = 2) -> Path:
+    """Write the pretraining checkpoint of ``step`` as ``folder/step_<step>`` and point ``folder/latest`` at it,
+    keeping the ``keep`` newest step folders.
+
+    Returns:
+        The checkpoint folder.
+    """
+    folder = Path(folder)
+    final = write_checkpoint(folder / f"step_{step:08d}", model, optimizer,
+                             {"step": step, "world_size": world_size, "config": config, "scaler": scaler_state},
+                             rank, world_size)
+    if rank == 0:
         pointer = folder / f".{LATEST}.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, folder / LATEST)
         for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if world_size > 1:
-        dist.barrier()
+        torch.distributed.barrier()
     return final
 
 
@@ -103,21 +155,29 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(folder) / pointer.read_text().strip()
-    if not (path / "state.json").is_file():
+    if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{pointer} points to {path}, which is not a complete checkpoint; delete the "
                                 "pointer to resume from the previous one")
     return path
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
-                    ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG states from ``path``; returns ``state.json``."""
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Strictly load ``path/model.safetensors`` into ``model`` (a key or shape mismatch is an error naming it)."""
     from geolink.hub import load_state_dict_checked
 
+    weights = Path(path) / WEIGHTS_NAME
+    load_state_dict_checked(model, safetensors.torch.load_file(str(weights)), source=str(weights))
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int = 0
+                    ) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG states from ``path`` (weights only when ``optimizer`` is None);
+    returns ``state.json``."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    load_state_dict_checked(model, safetensors.torch.load_file(str(path / "model.safetensors")),
-                            source=str(path / "model.safetensors"))
+    state = json.loads((path / STATE_NAME).read_text())
+    load_weights(path, model)
+    if optimizer is None:
+        return state
     structure = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(safetensors.torch.load_file(str(path / "optimizer.safetensors")),
                                                    structure))
