@@ -6,7 +6,8 @@ of the process, robust to other load on the machine, with the wall-clock rate ne
 ``DataLoader`` with N worker processes (one thread each) batching with ``collate_pairs``; per-core = samples/s / N.
 Each sample is a full ``PairShards`` item: decode the stored JPEG, ``RandomResizedCrop(224)`` + flips + quarter
 turns + colour jitter on image and graph, normalise, materialise ``x`` from the embedding table. Reports the median
-of ``--runs`` runs and prints a Markdown table for ``benchmarks/RESULTS.md``.
+(min–max) of ``--runs`` runs and prints a Markdown table for ``benchmarks/RESULTS.md``. The byte sizes are means over
+the dataset's samples, read from its index.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import describe_run, import_first, spread
 from torch.utils.data import DataLoader
 
 import geolink
-from geolink.data.dataset import PairShards, collate_pairs
 from geolink.data.shards import shard_sizes
+
+PairShards = import_first("geolink.data.pairs:PairShards", "geolink.data.dataset:PairShards")
+collate_pairs = import_first("geolink.data.pairs:collate_pairs", "geolink.data.dataset:collate_pairs")
 
 
 def _one_thread(_: int) -> None:
@@ -78,30 +82,34 @@ def main() -> None:
                "cores": os.cpu_count(), "load_average": os.getloadavg()[0], "torch": torch.__version__}
     aug = [single_process(root, args.samples, "train") for _ in range(args.runs)]
     plain = [single_process(root, args.samples, None) for _ in range(args.runs)]
-    results["samples_per_s_per_core_augmented"] = round(statistics.median(r[1] for r in aug), 1)
-    results["samples_per_wall_s_augmented"] = round(statistics.median(r[0] for r in aug), 1)
-    results["samples_per_s_per_core_no_augmentation"] = round(statistics.median(r[1] for r in plain), 1)
-    results["samples_per_wall_s_no_augmentation"] = round(statistics.median(r[0] for r in plain), 1)
+    rates = {"augmented_per_core": [r[1] for r in aug], "augmented_wall": [r[0] for r in aug],
+             "plain_per_core": [r[1] for r in plain], "plain_wall": [r[0] for r in plain]}
     if args.workers:
-        runs = [with_workers(root, args.samples, args.workers, args.batch_size) for _ in range(args.runs)]
-        results[f"samples_per_s_{args.workers}_workers"] = round(statistics.median(runs), 1)
-        results["samples_per_s_per_core_workers"] = round(statistics.median(runs) / args.workers, 1)
-    results.update({f"{k}_per_sample": round(v, 1) for k, v in shard_sizes(root).items() if k != "samples"})
-    results["samples_in_dataset"] = shard_sizes(root)["samples"]
+        rates["workers"] = [with_workers(root, args.samples, args.workers, args.batch_size) for _ in range(args.runs)]
+        rates["workers_per_core"] = [r / args.workers for r in rates["workers"]]
+    for key, values in rates.items():
+        results[f"samples_per_s_{key}"] = {"median": round(statistics.median(values), 1),
+                                           "min": round(min(values), 1), "max": round(max(values), 1)}
+    sizes = shard_sizes(root)
+    results.update({f"{k}_per_sample": round(v, 1) for k, v in sizes.items() if k != "samples"})
+    results["samples_in_dataset"] = sizes["samples"]
+    print(describe_run())
     print(json.dumps(results, indent=1))
+    print(f"\nsamples/s: median (min–max) of {args.runs} runs of {args.samples} samples")
     print("\n| measure | value | target |\n|---|---|---|")
     print(f"| samples per CPU-second (per core), default augmentation, 1 process | "
-          f"{results['samples_per_s_per_core_augmented']} (wall: {results['samples_per_wall_s_augmented']}) | ≥ 300 |")
+          f"{spread(rates['augmented_per_core'], digits=1)} (wall: {spread(rates['augmented_wall'], digits=1)}) "
+          "| ≥ 300 |")
     print(f"| samples per CPU-second (per core), no augmentation, 1 process | "
-          f"{results['samples_per_s_per_core_no_augmentation']} (wall: {results['samples_per_wall_s_no_augmentation']})"
-          " | |")
+          f"{spread(rates['plain_per_core'], digits=1)} (wall: {spread(rates['plain_wall'], digits=1)}) | |")
     if args.workers:
-        print(f"| samples/s, DataLoader {args.workers} workers (per core) | "
-              f"{results[f'samples_per_s_{args.workers}_workers']} ({results['samples_per_s_per_core_workers']}) "
-              "| ≥ 300 per core |")
-    print(f"| graph bytes per sample (stored, incl. offsets) | {results['graph_bytes_per_sample']} | ≤ 20 000 |")
-    print(f"| image bytes per sample (JPEG as published) | {results['image_bytes_per_sample']} | |")
-
+        print(f"| samples/s, DataLoader {args.workers} workers (per core) | {spread(rates['workers'], digits=1)} "
+              f"({spread(rates['workers_per_core'], digits=1)}) | ≥ 300 per core |")
+    print(f"| graph bytes per sample (stored, incl. offsets), mean | {results['graph_bytes_per_sample']:.0f} | "
+          "≤ 20 000 |")
+    print(f"| image bytes per sample (JPEG as published), mean | {results['image_bytes_per_sample']:.0f} | |")
+    print(f"| shard file bytes per sample (incl. safetensors header), mean | {results['file_bytes_per_sample']:.0f} "
+          "| |")
 
 if __name__ == "__main__":
     main()

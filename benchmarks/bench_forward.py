@@ -8,7 +8,7 @@ Three formulations of the same computation (same weights, same inputs), timed in
 - ``per-sample``: a Python loop running the fusion encoder on one sample at a time.
 
 Inputs are the real UFZ samples of the parity fixture (three images with their official graphs, ≤ 48 nodes), cycled
-to the batch size. Usage::
+to the batch size. Prints the median step time with its min–max over the interleaved runs. Usage::
 
     python benchmarks/bench_forward.py [--batch-size 12] [--repeats 7] [--arch geolink_tiny] [--device cpu]
 """
@@ -18,18 +18,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-import safetensors.torch
 import torch
+from common import Patched, create_model, describe_run, parity_graphs, spread
 from torch_geometric.data import Batch
 
-import geolink
 import geolink.models.fusion as fusion_module
-from geolink.convert import graph_from_official, official_graph_from_tensors
-
-INPUTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "parity" / "official_tiny" / \
-    "inputs.safetensors"
 
 
 def pack_nodes_loop(tokens: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int):
@@ -52,14 +46,12 @@ def step(fusion, images, graphs, formulation: str) -> None:
             maps = fusion(images[i:i + 1], Batch.from_data_list([graph]))
             sum(m.square().mean() for m in maps).backward()
         return
-    original = fusion_module.pack_nodes
     if formulation == "loop-pack":
-        fusion_module.pack_nodes = pack_nodes_loop
-    try:
+        with Patched(fusion_module, "pack_nodes", pack_nodes_loop):
+            maps = fusion(images, Batch.from_data_list(graphs))
+    else:
         maps = fusion(images, Batch.from_data_list(graphs))
-        sum(m.square().mean() for m in maps).backward()
-    finally:
-        fusion_module.pack_nodes = original
+    sum(m.square().mean() for m in maps).backward()
 
 
 def main() -> None:
@@ -70,20 +62,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    inputs = safetensors.torch.load_file(str(INPUTS))
-    graphs = [graph_from_official(official_graph_from_tensors(inputs, f"graph{i}.")) for i in range(3)]
+    all_images, graphs = parity_graphs()
     order = [i % 3 for i in range(args.batch_size)]
-    images = inputs["images"][order].to(args.device)
+    images = all_images[order].to(args.device)
     batch_graphs = [graphs[i].to(args.device) for i in order]
     torch.manual_seed(0)
-    fusion = geolink.create_model(args.arch, component="fusion", text_dim=512).to(args.device).train()
+    fusion = create_model(args.arch, text_dim=512, component="fusion").to(args.device).train()
 
     def sync() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    print(f"fusion forward+backward, {args.arch}, batch {args.batch_size}, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} runs")
+    print(describe_run())
+    print(f"fusion forward+backward, {args.arch}, batch {args.batch_size}, device {args.device}; "
+          f"median (min–max) of {args.repeats} interleaved runs")
     formulations = ("geolink", "loop-pack", "per-sample")
     times: dict[str, list[float]] = {f: [] for f in formulations}
     for formulation in formulations:
@@ -96,12 +88,13 @@ def main() -> None:
             step(fusion, images, batch_graphs, formulation)
             sync()
             times[formulation].append(time.perf_counter() - start)
-    results = {f: statistics.median(t) for f, t in times.items()}
-    base = results["geolink"]
-    print("| formulation | median s/step | samples/s | relative to geolink |")
-    print("|---|---|---|---|")
-    for formulation, seconds in results.items():
-        print(f"| {formulation} | {seconds:.4f} | {args.batch_size / seconds:.1f} | {seconds / base:.2f}× |")
+    base = statistics.median(times["geolink"])
+    print("| formulation | s/step | samples/s (from the median) | median time relative to geolink |")
+    print("|---|---:|---:|---:|")
+    for formulation, values in times.items():
+        seconds = statistics.median(values)
+        print(f"| {formulation} | {spread(values, digits=3)} | {args.batch_size / seconds:.1f} | "
+              f"{seconds / base:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Both run the same model, weights and inputs (the real UFZ pairs of the parity fi
 - ``official-loops``: the official code's formulation of those two stages, a Python loop over the graphs of the
   batch (``randperm`` per graph and type to mask nodes, ``nonzero`` per graph to pack them).
 
-A step is forward (three losses) + backward + AdamW. Median of several interleaved runs::
+A step is forward (three losses) + backward + AdamW. Median (min–max) of several interleaved runs::
 
     python benchmarks/bench_train.py [--batch-size 16] [--repeats 5]
 """
@@ -14,17 +14,16 @@ A step is forward (three losses) + backward + AdamW. Median of several interleav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
-import safetensors.torch
 import torch
-from bench_forward import INPUTS, pack_nodes_loop
+from bench_forward import pack_nodes_loop
+from common import Patched, create_model, describe_run, parity_graphs, spread
 from torch_geometric.data import Batch
 
-import geolink
 import geolink.models.pretrain as pretrain_module
-from geolink.convert import graph_from_official, official_graph_from_tensors
 from geolink.graph.schema import NODE_TYPES
 
 
@@ -52,42 +51,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    inputs = safetensors.torch.load_file(str(INPUTS))
-    graphs = [graph_from_official(official_graph_from_tensors(inputs, f"graph{i}.")) for i in range(3)]
+    all_images, graphs = parity_graphs()
     order = [i % 3 for i in range(args.batch_size)]
-    images, batch = inputs["images"][order], Batch.from_data_list([graphs[i] for i in order])
+    images, batch = all_images[order], Batch.from_data_list([graphs[i] for i in order])
     torch.manual_seed(0)
-    model = geolink.create_model("geolink_tiny", text_dim=512).train()
+    model = create_model("geolink_tiny", text_dim=512).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    original_mask, original_pack = pretrain_module.GeoLinkForPretraining.mask_nodes, pretrain_module.pack_nodes
 
     def step(formulation: str) -> float:
-        official = formulation == "official-loops"
-        pretrain_module.GeoLinkForPretraining.mask_nodes = mask_nodes_loop if official else original_mask
-        pretrain_module.pack_nodes = pack_nodes_loop if official else original_pack
-        start = time.perf_counter()
-        model(images, batch)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        with contextlib.ExitStack() as patches:
+            if formulation == "official-loops":
+                patches.enter_context(Patched(pretrain_module.GeoLinkForPretraining, "mask_nodes", mask_nodes_loop))
+                patches.enter_context(Patched(pretrain_module, "pack_nodes", pack_nodes_loop))
+            start = time.perf_counter()
+            model(images, batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
 
     formulations = ("geolink", "official-loops")
     times: dict[str, list[float]] = {f: [] for f in formulations}
-    try:
+    for formulation in formulations:
+        step(formulation)  # warm-up
+    for _ in range(args.repeats):
         for formulation in formulations:
-            step(formulation)  # warm-up
-        for _ in range(args.repeats):
-            for formulation in formulations:
-                times[formulation].append(step(formulation))
-    finally:
-        pretrain_module.GeoLinkForPretraining.mask_nodes, pretrain_module.pack_nodes = original_mask, original_pack
+            times[formulation].append(step(formulation))
+    print(describe_run())
     print(f"pretraining step (forward + backward + AdamW), geolink_tiny (text_dim 512), batch {args.batch_size}, "
-          f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} runs")
-    print("| formulation | median s/step | samples/s |")
-    print("|---|---|---|")
+          f"CPU; median (min–max) of {args.repeats} interleaved runs")
+    print("| formulation | s/step | samples/s (from the median) |")
+    print("|---|---:|---:|")
     for formulation, values in times.items():
-        seconds = statistics.median(values)
-        print(f"| {formulation} | {seconds:.3f} | {args.batch_size / seconds:.1f} |")
+        print(f"| {formulation} | {spread(values, digits=3)} | {args.batch_size / statistics.median(values):.1f} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from common import describe_run, spread
 from torch_geometric.data import Batch
 
 import geolink
@@ -41,6 +42,11 @@ def random_graph(text_dim: int, nodes: tuple[int, int, int], edges: int, generat
                                                        torch.randint(counts[dst], (edges,), generator=generator)])
             graph[edge_type].edge_attr = torch.eye(len(relations))[torch.zeros(edges, dtype=torch.long)]
     return graph
+
+
+def config_value(config: dict, section: str, key: str):
+    """``config[section][key]`` of a nested architecture config, or ``config[key]`` of a flat (pre-refactor) one."""
+    return config[section][key] if isinstance(config.get(section), dict) else config[key]
 
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
@@ -84,9 +90,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     generator = torch.Generator().manual_seed(0)
-    graphs = Batch.from_data_list([random_graph(config["text_dim"], (20, 20, 10), 150, generator)
+    text_dim = config_value(config, "osm", "text_dim")
+    channels, size = config_value(config, "image", "in_chans"), config_value(config, "image", "img_size")
+    graphs = Batch.from_data_list([random_graph(text_dim, (20, 20, 10), 150, generator)
                                    for _ in range(args.batch_size)]).to(device)
-    images = torch.randn(args.batch_size, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    images = torch.randn(args.batch_size, channels, size, size, device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     def step() -> None:
@@ -114,9 +122,10 @@ def main() -> None:
     flops = model_flops_per_sample(model, nodes=50) * samples_per_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    print(f"device {name}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.precision}, "
-          f"compile={args.compile}")
-    print(f"median step {seconds * 1000:.1f} ms, {samples_per_s:.1f} samples/s, {flops / 1e9:.1f} model GFLOP/s")
+    print(describe_run())
+    print(f"device {name}, {args.arch}, batch {args.batch_size}, {args.precision}, compile={args.compile}")
+    print(f"step {spread(times, 1000, 1)} ms, median (min–max) of {args.steps} steps after {args.warmup} warm-up; "
+          f"from the median: {samples_per_s:.1f} samples/s, {flops / 1e9:.1f} model GFLOP/s")
     if peak:
         print(f"MFU {100 * flops / (peak * 1e12):.1f} % of {peak:.0f} TFLOP/s dense bf16")
     if device.type == "cuda":
