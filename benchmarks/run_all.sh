@@ -4,6 +4,7 @@
 #   git worktree add /tmp/geolink_head <commit before the change>     # the baseline tree (once)
 #   benchmarks/run_all.sh [OUT_DIR]                                    # RUNS=5 BASELINE=/tmp/geolink_head by default
 #   QUICK=1 benchmarks/run_all.sh                                      # smallest settings: checks that all scripts run
+#   ONLY="data graph" benchmarks/run_all.sh OUT_DIR                     # only these benchmarks
 #
 # Each script measures the geolink its interpreter imports: the baseline through PYTHONPATH=$BASELINE, this
 # checkout through the editable install (the first line of every output names the tree and its commit). Each
@@ -46,6 +47,7 @@ measure() {  # measure <name> <before|after> <script> <script arguments...>
   fi
 }
 both() {  # both <name> <script> <script arguments...>: the baseline, then this checkout
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return; fi
   names+=("$1")
   measure "$1" before "${@:2}"
   measure "$1" after "${@:2}"

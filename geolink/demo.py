@@ -139,7 +139,7 @@ def run_demo(config: DemoConfig) -> Path:
     graph = build_tile_graph(features, bbox)
     fusion = geolink.create_model("geolink_tiny.demo", pretrained=True, component="fusion").eval()
     size = fusion.image_encoder.img_size
-    pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    pixels = np.array(image.resize((size, size), Image.Resampling.BICUBIC))  # uint8 [H, W, 3]
     tensor = normalise(torch.from_numpy(pixels).permute(2, 0, 1))
     with torch.no_grad():
         fused = fusion(tensor.unsqueeze(0), Batch.from_data_list([graph]))[-1][0]

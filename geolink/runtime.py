@@ -18,6 +18,7 @@ Pretraining, evaluation, fine-tuning, the examples and the apps all use these, s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -146,7 +147,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
 # --------------------------------------------------------------------------------------------------- normalisation
 def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """``(images - mean) / std`` per band, for ``[C, H, W]`` or ``[B, C, H, W]`` float images in ``[0, 1]``.
+    """``(images - mean) / std`` per band, for ``[C, H, W]`` or ``[B, C, H, W]`` images: uint8 images are first
+    scaled by 1/255, any other dtype is taken to be in ``[0, 1]`` already. Computed in float32 (float64 stays
+    float64) as one multiply-add, ``images × (1 / std) + (-mean / std)``.
 
     Raises:
         InputError: the number of bands differs from the length of ``mean`` / ``std``.
@@ -155,10 +158,19 @@ def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     if len(mean) != channels or len(std) != channels:
         raise InputError(f"normalisation has {len(mean)} mean and {len(std)} std values but the images have "
                          f"{channels} bands; pass one value per band")
-    shape = (-1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
-    return (images - mean_t) / std_t
+    scale, shift = _normalise_affine(tuple(map(float, mean)), tuple(map(float, std)), images.dtype == torch.uint8)
+    floats = images.double() if images.dtype == torch.float64 else images.float()
+    return torch.addcmul(shift.to(floats), floats, scale.to(floats))
+
+
+@functools.lru_cache(maxsize=64)
+def _normalise_affine(mean: tuple[float, ...], std: tuple[float, ...], from_uint8: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` ``[C, 1, 1]`` float32 of :func:`normalise` (made once per statistics)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    scale = 1.0 / std_t
+    return (scale / 255.0 if from_uint8 else scale), -mean_t / std_t
 
 
 # -------------------------------------------------------------------------------------------------------- schedule

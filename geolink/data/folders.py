@@ -79,8 +79,8 @@ def image_to_tensor(path: str | Path, mean: Sequence[float] = IMAGENET_MEAN, std
                     ) -> torch.Tensor:
     """Read an RGB image file as a normalised float tensor ``[3, H, W]``."""
     with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return normalise(torch.from_numpy(array).permute(2, 0, 1), mean, std)
+        array = np.asarray(image.convert("RGB"))  # uint8 [H, W, 3]
+    return normalise(torch.from_numpy(array.copy()).permute(2, 0, 1), mean, std)
 
 
 class OfficialPairFolder(Dataset):

@@ -72,7 +72,7 @@ class _PairDecoder:
         if self.transform is not None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             image, graph = self.transform(image, graph, generator)
-        image = normalise(image.float() / 255.0 if image.dtype == torch.uint8 else image.float(), self.mean, self.std)
+        image = normalise(image, self.mean, self.std)  # uint8 or float in [0, 1]
         graph.name = name
         return image.contiguous(), graph
 
