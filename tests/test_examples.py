@@ -17,7 +17,6 @@ from PIL import Image
 from geolink.finetune import paired_files, read_mask
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-UFZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "official_examples" / "ufz"
 sys.path.insert(0, str(EXAMPLES))
 
 segmentation = importlib.import_module("finetune_segmentation")
@@ -215,17 +214,17 @@ def test_change_detection_runs(tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------------------------------------- multimodal
-@pytest.mark.skipif(not UFZ.is_dir(), reason=f"shared UFZ samples not found at {UFZ}")
-def test_multimodal_runs_on_the_ufz_samples(tmp_path, tiny_model):
+def test_multimodal_runs_on_the_ufz_samples(tmp_path, tiny_model, shared):
+    ufz = shared("official_examples", "ufz")
     out = tmp_path / "run"
-    assert multimodal.main(["--data", str(UFZ), "--model", tiny_model, *COMMON, "--epochs", "1", "--precision",
+    assert multimodal.main(["--data", str(ufz), "--model", tiny_model, *COMMON, "--epochs", "1", "--precision",
                             "fp32", "--class-names", "ufz", "--decoder-channels", "16", "--val-fraction", "0.34",
                             "--max-steps-per-epoch", "1", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["text_dim"] == 512 and metrics["num_train"] + metrics["num_val"] == 6
     assert list(metrics["best"]["per_class_iou"])[:9] == list(multimodal.UFZ_CLASSES)
     # the metric pipeline on real UFZ labels: a perfect prediction has mIoU 1 and ignores the 255 pixels
-    label = read_mask(UFZ / "label" / "shenzhen_21504_11200.png")[None]
+    label = read_mask(ufz / "label" / "shenzhen_21504_11200.png")[None]
     perfect = torch.where(label == 255, 0, label)
     metrics = multimodal.evaluate_multimodal(FixedLogits(perfect, 10), [(None, label, None)], 10, 255)
     assert metrics["mIoU"] == 1.0 and metrics["num_pixels"] == int((label != 255).sum())
@@ -249,10 +248,10 @@ def test_extract_features_image_and_resume(tmp_path, tiny_model):
     np.testing.assert_array_equal(np.load(out / "features.npy"), features)
 
 
-@pytest.mark.skipif(not UFZ.is_dir(), reason=f"shared UFZ samples not found at {UFZ}")
-def test_extract_fused_features_on_the_ufz_samples(tmp_path, tiny_model):
+def test_extract_fused_features_on_the_ufz_samples(tmp_path, tiny_model, shared):
+    ufz = shared("official_examples", "ufz")
     out = tmp_path / "features"
-    assert extract.main(["--data", str(UFZ / "img"), "--graph-dir", str(UFZ / "graph"), "--model", tiny_model,
+    assert extract.main(["--data", str(ufz / "img"), "--graph-dir", str(ufz / "graph"), "--model", tiny_model,
                          "--img-size", "32", "--output-dir", str(out), "--format", "safetensors", "--device", "cpu",
                          "--quiet"]) == 0
     with safetensors.safe_open(str(out / "features.safetensors"), framework="pt") as handle:

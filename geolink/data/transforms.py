@@ -330,36 +330,39 @@ def pad_bottom_right(tensor: torch.Tensor, pad_h: int, pad_w: int, value: float 
     return F.pad(tensor, (0, pad_w, 0, pad_h), value=value) if pad_h or pad_w else tensor
 
 
-class RandomCrop(JointTransform):
-    """A ``size`` crop at a uniformly drawn position; images smaller than ``size`` are padded at the bottom / right
-    first (image with 0, masks with ``fill``, e.g. the ignore index), so every output is ``size``."""
+class _Crop(JointTransform):
+    """A ``size`` crop at the position :meth:`origin` picks; images smaller than ``size`` are padded at the bottom /
+    right first (image with 0, masks with ``fill``, e.g. the ignore index), so every output is ``size``."""
 
     def __init__(self, size: int | tuple[int, int], fill: int = 255) -> None:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.fill = fill
 
+    def origin(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
+        """``(top, left)`` of the crop in an image of ``height × width``."""
+        raise NotImplementedError
+
     def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, Target]:
-        height, width = image.shape[-2:]
+        top, left = self.origin(*image.shape[-2:], generator)
+        return crop(image, target, top, left, *self.size, fill=self.fill)
+
+
+class RandomCrop(_Crop):
+    """A ``size`` crop at a uniformly drawn position (see :class:`_Crop` for padding)."""
+
+    def origin(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
         top = int(torch.randint(0, max(0, height - self.size[0]) + 1, (), generator=generator))
         left = int(torch.randint(0, max(0, width - self.size[1]) + 1, (), generator=generator))
-        return crop(image, target, top, left, *self.size, fill=self.fill)
+        return top, left
 
 
-class CenterCrop(JointTransform):
-    """The central ``size`` box (torchvision's rounding: ``top = round((H - h) / 2)``); smaller images are padded
-    at the bottom / right (masks with ``fill``)."""
+class CenterCrop(_Crop):
+    """The central ``size`` box (torchvision's rounding: ``top = round((H - h) / 2)``; see :class:`_Crop` for
+    padding)."""
 
-    def __init__(self, size: int | tuple[int, int], fill: int = 255) -> None:
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.fill = fill
-
-    def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, Target]:
-        height, width = image.shape[-2:]
-        top = max(0, int(round((height - self.size[0]) / 2.0)))
-        left = max(0, int(round((width - self.size[1]) / 2.0)))
-        return crop(image, target, top, left, *self.size, fill=self.fill)
+    def origin(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
+        return max(0, int(round((height - self.size[0]) / 2.0))), max(0, int(round((width - self.size[1]) / 2.0)))
 
 
 # ---------------------------------------------------------------------------------------------- flips, rotations
