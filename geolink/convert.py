@@ -73,7 +73,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"no checkpoint at {path}")
+        raise MissingInputError(f"no checkpoint at {path} (pass the official GeoLink .pth file)")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

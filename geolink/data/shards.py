@@ -558,7 +558,8 @@ def official_tiles(folder: str | Path) -> list[tuple[str, Path, list[tuple[Any, 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingInputError(f"official_tiles {folder}: no such folder")
+        raise MissingInputError(f"official_tiles {folder}: no such folder (pass the folder holding one sub-folder per "
+                                "official example tile)")
     tiles = []
     for tile in sorted(p for p in folder.iterdir() if p.is_dir()):
         meta_path = tile / "meta.json"

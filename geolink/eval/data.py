@@ -26,6 +26,7 @@ from geolink.data.transforms import (
     RandomResizedCrop,
     ResizeShortSide,
 )
+from geolink.errors import MissingInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 TEST_SPLIT_NAMES = ("test", "val", "validation")
@@ -54,17 +55,20 @@ def image_folder(root: str | Path, transform: Callable | None = None) -> dataset
     """A torchvision ``ImageFolder`` (classes = sorted sub-folder names) with images converted to RGB.
 
     Raises:
-        FileNotFoundError: ``root`` is missing or has no class folders with images.
+        MissingInputError: ``root`` is missing or has a class folder without images.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {root}")
+        raise MissingInputError(f"no image folder at {root} (pass an ImageFolder root: <root>/<class name>/<image>)")
     try:
         return datasets.ImageFolder(str(root), transform=transform, loader=_rgb_loader,
                                     is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{root} is not an ImageFolder (expected <root>/<class name>/<image>): "
-                                f"{error}") from None
+    except FileNotFoundError:
+        empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not any(
+            f.name.lower().endswith(IMAGE_EXTENSIONS) for f in d.rglob("*")))
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise MissingInputError(f"{root} is not an ImageFolder: the class folders {shown} hold no "
+                                f"{'/'.join(IMAGE_EXTENSIONS)} image (expected <root>/<class name>/<image>)") from None
 
 
 def stratified_split(labels: Sequence[int], test_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -48,7 +48,7 @@ def require_file(path: str | Path, what: str) -> Path:
     is not an existing file or folder."""
     path = Path(path)
     if not path.exists():
-        raise MissingInputError(f"{what} {path} not found")
+        raise MissingInputError(f"{what} {path} not found (check the path)")
     return path
 
 
@@ -202,7 +202,7 @@ def read_osm(path: str | Path, bbox: Iterable[float] | None = None, tag_filter: 
     osmium = _need("osmium", "osm")
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"OSM file {path} not found")
+        raise MissingInputError(f"OSM file {path} not found (pass an existing .osm.pbf or .osm file)")
     frequency = load_key_frequency(key_frequency)
     tag_filter = tag_filter or TagFilter()
     region = shapely.box(*bbox) if bbox is not None else None
@@ -332,7 +332,7 @@ def count_keys(inputs: Iterable[str | Path], progress: bool = False) -> KeyCount
     counter = KeyCounter()
     for path in map(Path, inputs):
         if not path.is_file():
-            raise MissingInputError(f"input {path} not found")
+            raise MissingInputError(f"input {path} not found (pass existing .osm.pbf, .osm or GeoJSON files)")
         name = path.name.lower()
         if name.endswith(OSM_SUFFIXES):
             osmium = _need("osmium", "osm")
