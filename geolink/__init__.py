@@ -11,9 +11,14 @@ Public API (imported on first use, so ``import geolink`` and ``geolink --help`` 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+# torch_geometric calls torch.jit.script at import, which torch deprecates: noise that is not the user's business
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
 
 _EXPORTS = {
     "GeoLinkForPretraining": "geolink.models",
@@ -29,6 +34,10 @@ _EXPORTS = {
     "load_model": "geolink.registry",
     "nest_overrides": "geolink.registry",
     "register_pretrained": "geolink.registry",
+    "tag_encoder_for": "geolink.registry",
+    "Preprocess": "geolink.data.transforms",
+    "create_model_and_transforms": "geolink.registry",
+    "resolve_data_config": "geolink.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,24 +4,40 @@ Official checkpoints are ``.pth`` files holding ``{"model_config": {...}, "model
 They are read with ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and plain
 containers, so a crafted file cannot run code. ``official_to_geolink`` is the single filter function that renames
 official keys; every width is inferred from tensor shapes and checked against the timm architecture named in the
-file, and loading is strict. The ``geolink convert`` job is :class:`ConvertConfig` → :func:`convert`.
+file, and loading is strict. The ``geolink convert`` job is :class:`ConvertConfig` → :func:`convert`;
+:func:`converted_folder` converts on the fly into a cache (what ``create_model(..., pretrained="<file.pth>")`` uses).
+
+The official release files are distributed by their authors outside the Hugging Face Hub (Google Drive and PKU Disk,
+linked from the README of :data:`OFFICIAL_REPOSITORY`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from geolink.errors import ConfigError, InputError, MissingInputError
-from geolink.hub import load_state_dict_checked
+from geolink.errors import ConfigError, DataError, InputError, MissingInputError
+from geolink.hub import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_checked
 from geolink.models import COMPONENTS, Component, extract_component
 from geolink.models.image import GeoLinkImageEncoder
 from geolink.models.pretrain import GeoLinkForPretraining
+
+OFFICIAL_REPOSITORY = "https://github.com/bailubin/GeoLink_NeurIPS2025"
+"""The official GeoLink code; its README links the release checkpoints."""
+
+CACHE_ENV = "GEOLINK_CACHE"
+"""Environment variable naming geolink's cache folder (default ``$XDG_CACHE_HOME/geolink``, else
+``~/.cache/geolink``)."""
 
 # official prefix -> geolink prefix (GeoLinkForPretraining); the first match wins
 _PREFIX_MAP: tuple[tuple[str, str], ...] = (
@@ -246,11 +262,78 @@ def load_official_checkpoint(path: str | Path) -> GeoLinkForPretraining | GeoLin
     return model.eval()
 
 
+def _save_converted(model: torch.nn.Module, folder: Path, source: Path) -> None:
+    """``model.save_pretrained(folder)`` with a model card saying where the weights come from and whose terms apply."""
+    model.weights_description = (f"{model.weights_description} Converted by geolink from {source.name}, a file of the "
+                                 "official GeoLink NeurIPS 2025 release.")
+    model.weights_license = (f"the GeoLink authors' terms: the official repository ({OFFICIAL_REPOSITORY}) states the "
+                             "MIT licence for the repository; check the terms given with the release files")
+    model.save_pretrained(folder)
+
+
+def cache_dir() -> Path:
+    """geolink's cache folder: ``$GEOLINK_CACHE``, else ``$XDG_CACHE_HOME/geolink``, else ``~/.cache/geolink``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "geolink"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_folder(checkpoint: str | Path) -> Path:
+    """The geolink ``save_pretrained`` folder of an official ``.pth``: converted on first use, then read from the
+    cache, ``<cache_dir()>/converted/<sha256 of the file>``.
+
+    The conversion is written to a temporary folder next to its final place and renamed into it, so the cache
+    never holds a half-written folder; when another process finishes first, its folder is used. A folder already
+    at that place is never overwritten.
+
+    Returns:
+        The cached folder (``geolink.load_model`` loads it).
+
+    Raises:
+        MissingInputError: no file at ``checkpoint``.
+        OfficialCheckpointError: see :func:`load_official_checkpoint`.
+        DataError: the cache holds an incomplete folder for this file (delete it).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise MissingInputError(f"no checkpoint at {path} (pass the official GeoLink .pth file; download links in "
+                                f"the README of {OFFICIAL_REPOSITORY})")
+    root = cache_dir() / "converted"
+    folder = root / _sha256(path)
+    if not folder.exists():
+        model = load_official_checkpoint(path)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+        staging.chmod(0o755)  # mkdtemp's 0o700 would hide the folder from the other users of a shared cache
+        try:
+            _save_converted(model, staging, path)
+            staging.rename(folder)
+            print(f"converted {path} into {folder} (once: later calls load the cached folder)", file=sys.stderr)
+        except OSError:
+            if not folder.is_dir():  # not another process having won the race: a real error
+                raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+        raise DataError(f"the cached conversion {folder} of {path} is incomplete; delete that folder and retry")
+    return folder
+
+
 @dataclass
 class ConvertConfig:
-    """Convert an official GeoLink release checkpoint (multimodal or unimodal ViT .pth) into a geolink folder that
-    `from_pretrained`, `geolink.load_model` and (for image encoders) `timm.create_model('local-dir:<dir>',
-    pretrained=True)` load. The file is read with torch.load(weights_only=True): pickled code is refused, never run.
+    """Convert an official GeoLink release checkpoint (multimodal or unimodal ViT .pth; download links in the README
+    of github.com/bailubin/GeoLink_NeurIPS2025) into a geolink folder that `from_pretrained`, `geolink.load_model` and
+    (for image encoders) `timm.create_model('local-dir:<dir>', pretrained=True)` load, and optionally publish it. The
+    file is read with torch.load(weights_only=True): pickled code is refused, never run.
     """
 
     checkpoint: Path = field(metadata={"help": "official .pth file", "positional": True})
@@ -279,7 +362,7 @@ def convert(config: ConvertConfig) -> Path:
             raise InputError(f"{config.checkpoint} holds a {type(model).__name__}, which has no "
                              f"{Component(config.component).value!r} component (choose another component)")
         model = extracted
-    model.save_pretrained(config.out_dir)
+    _save_converted(model, Path(config.out_dir), Path(config.checkpoint))
     print(f"converted {config.checkpoint} -> {config.out_dir} ({type(model).__name__})")
     if config.push_to_hub:
         print(f"pushed to {model.push_to_hub(config.push_to_hub)}")

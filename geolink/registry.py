@@ -1,4 +1,5 @@
-"""Named architectures and pretrained tags: ``list_models``, ``list_pretrained``, ``create_model``, ``load_model``.
+"""Named architectures and pretrained tags: ``list_models``, ``list_pretrained``, ``create_model``, ``load_model``,
+``tag_encoder_for``.
 
 An **architecture** is a JSON file in ``geolink/configs/`` with one section per sub-model, each exactly one
 constructor's kwargs (every parameter declared once)::
@@ -16,7 +17,11 @@ into that form); an unknown section or key is a :class:`~geolink.errors.ConfigEr
 ``config.json`` holds the same sections (its constructor kwargs), so overrides work the same on ``load_model``.
 
 A **pretrained tag** (``"<architecture>.<tag>"``, timm style) records where the weights live (a Hub repo id or a
-local folder) and how to use them (normalisation, input size, bands, text model). Weights always load strictly.
+local folder) and how to use them (normalisation, input size, bands, text model: :func:`tag_encoder_for` gives its
+:class:`~geolink.graph.text.TagEncoder`). A registered tag name always means the registry's tag, never a folder of
+the same name. Each tag's availability (:data:`AVAILABILITY`) is explicit: ``list_pretrained(available=True)``.
+The official release is convert-only: ``pretrained="<official .pth>"`` converts it once into a cached folder
+(:func:`geolink.convert.converted_folder`). Weights always load strictly.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
+import torch
 from torch import nn
 
+from geolink.convert import OFFICIAL_REPOSITORY, converted_folder
+from geolink.data.transforms import Preprocess, model_data_config
 from geolink.errors import ConfigError, InputError, MissingInputError, MissingWeightsError
+from geolink.graph.text import TagEncoder
 from geolink.hub import CONFIG_NAME
 from geolink.models import COMPONENTS, Component, extract_component
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
@@ -40,9 +49,10 @@ from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-__all__ = ["COMPONENTS", "Component", "PretrainedTag", "create_model", "extract_component", "get_model_config",
-           "get_pretrained_tag", "list_models", "list_pretrained", "load_model", "nest_overrides",
-           "register_pretrained"]
+__all__ = ["AVAILABILITY", "COMPONENTS", "Component", "PretrainedTag", "create_model", "extract_component",
+           "get_model_config", "get_pretrained_tag", "list_models", "list_pretrained", "load_model", "nest_overrides",
+           "pretrained_availability", "register_pretrained", "tag_encoder_for",
+           "create_model_and_transforms", "resolve_data_config"]
 
 SECTIONS = tuple(COMPONENTS)
 #: the sections a component's constructor takes as dicts (the sub-models it holds)
@@ -66,10 +76,13 @@ class PretrainedTag:
         mean, std: per-band input normalisation.
         input_size: ``(bands, height, width)`` the weights were trained at.
         bands: band names.
-        text_model: Hugging Face id of the text model the OSM tag features must come from, and its width.
-        license: weight licence.
+        text_model: the text model the OSM tag features must come from (a short name of
+            :data:`geolink.graph.text.TEXT_MODELS`, a Hub id or a folder), and its width; None for an image encoder.
+        license: weight licence, as stated by the weights' source.
         paper: reference.
         origin: how the weights were produced.
+        published: whether ``location`` is a Hub repo that exists; False for the official release, which its
+            authors distribute outside the Hub (convert-only: pass ``pretrained=<its .pth>``).
     """
 
     location: str
@@ -79,12 +92,13 @@ class PretrainedTag:
     std: tuple[float, ...] = IMAGENET_STD
     input_size: tuple[int, int, int] = (3, 224, 224)
     bands: tuple[str, ...] = ("red", "green", "blue")
-    text_model: str | None = "openai/clip-vit-base-patch16"
+    text_model: str | None = "clip"
     text_dim: int | None = 512
     license: str = "mit"
     paper: str = "arXiv:2509.26016"
     origin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    published: bool = True
 
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -93,7 +107,7 @@ _PRETRAINED: dict[str, PretrainedTag] = {
     "geolink_tiny.demo": PretrainedTag(
         location=str(ASSETS_DIR / "geolink_tiny_demo"),
         holds="GeoLinkForPretraining",
-        text_model="sentence-transformers/all-MiniLM-L6-v2",
+        text_model="minilm",
         text_dim=384,
         origin="Pretrained by examples/make_demo_model.py (`geolink pretrain` on the five official GeoLink example "
                "tiles bundled with geolink, augmented, then exported in float16 with its heads); shipped inside the "
@@ -102,16 +116,21 @@ _PRETRAINED: dict[str, PretrainedTag] = {
     ),
     "geolink_vit_large_patch16_224.neurips2025": PretrainedTag(
         location="geolink/geolink_vit_large_patch16_224.neurips2025",
-        origin="The official GeoLink NeurIPS 2025 multimodal release (ViT-L + OSM encoder), converted with "
-               "`geolink convert` and published with `push_to_hub`.",
+        origin="The official GeoLink NeurIPS 2025 multimodal release (ViT-L + OSM encoder), distributed by its "
+               f"authors outside the Hub (links in the README of {OFFICIAL_REPOSITORY}); converted on the fly by "
+               "`pretrained=<its .pth>`, or once by `geolink convert`.",
+        published=False,
     ),
     "geolink_vit_large_patch16_224.neurips2025_unimodal": PretrainedTag(
         location="geolink/geolink_vit_large_patch16_224.neurips2025_unimodal",
         holds="GeoLinkImageEncoder",
         text_model=None,
         text_dim=None,
-        origin="The official GeoLink NeurIPS 2025 unimodal ViT-L release, converted with `geolink convert` "
-               "(a timm folder: `timm.create_model('hf-hub:<repo>', pretrained=True)` loads it too).",
+        origin="The official GeoLink NeurIPS 2025 unimodal ViT-L release, distributed by its authors outside the "
+               f"Hub (links in the README of {OFFICIAL_REPOSITORY}); converted on the fly by `pretrained=<its .pth>`, "
+               "or once by `geolink convert` (a timm folder: `timm.create_model('local-dir:<dir>', pretrained=True)` "
+               "loads it too).",
+        published=False,
     ),
 }
 
@@ -121,9 +140,86 @@ def list_models() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
 
 
-def list_pretrained() -> list[str]:
-    """Registered ``architecture.tag`` names, sorted."""
-    return sorted(_PRETRAINED)
+AVAILABILITY: dict[str, str] = {
+    "bundled": "ships inside the geolink package",
+    "local": "a local folder (registered with register_pretrained)",
+    "cached": "in the local Hugging Face cache: loads offline",
+    "published": "on the Hugging Face Hub: downloaded on first use, then cached",
+    "convert-only": f"the official release, distributed by its authors outside the Hub (links in the README of "
+                    f"{OFFICIAL_REPOSITORY}): pass pretrained=<its .pth> (--model <its .pth>), converted on the fly, "
+                    "or convert it with `geolink convert`",
+    "missing": "a local folder that does not exist",
+}
+"""What :func:`pretrained_availability` can say about a tag, and what it means."""
+
+
+@overload
+def list_pretrained(available: Literal[False] = False) -> list[str]: ...
+
+
+@overload
+def list_pretrained(available: Literal[True]) -> dict[str, str]: ...
+
+
+def list_pretrained(available: bool = False) -> list[str] | dict[str, str]:
+    """Registered ``architecture.tag`` names, sorted.
+
+    Args:
+        available: return ``{name: availability}`` instead (see :func:`pretrained_availability`; offline).
+    """
+    names = sorted(_PRETRAINED)
+    return {name: pretrained_availability(name) for name in names} if available else names
+
+
+def pretrained_availability(name: str) -> str:
+    """Where the weights of a tag can come from now, without using the network: a key of :data:`AVAILABILITY`.
+
+    ``bundled`` (a folder inside the package), ``local`` (another folder), ``cached`` (its ``config.json`` is in
+    the local Hugging Face cache), ``published`` (a Hub repo, not cached yet), ``convert-only`` (the official
+    release: not on the Hub, see :attr:`PretrainedTag.published`) or ``missing`` (a folder that is gone).
+
+    Raises:
+        ConfigError: no such tag.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    tag = get_pretrained_tag(name)
+    location = Path(tag.location)
+    if location.is_dir():
+        return "bundled" if location.resolve().is_relative_to(Path(__file__).resolve().parent) else "local"
+    try:
+        cached = try_to_load_from_cache(tag.location, CONFIG_NAME, revision=tag.revision)
+    except HFValidationError:  # not a repo id: a folder path
+        return "missing"
+    if isinstance(cached, str):
+        return "cached"
+    return "published" if tag.published else "convert-only"
+
+
+def tag_encoder_for(name: str, **kwargs: Any) -> TagEncoder:
+    """The :class:`~geolink.graph.text.TagEncoder` of the text model a pretrained tag was trained with, so graphs
+    built with it carry the tag features the model expects (``tag_encoder_for("geolink_tiny.demo")``: the offline
+    MiniLM).
+
+    Args:
+        name: a pretrained tag.
+        **kwargs: :class:`~geolink.graph.text.TagEncoder` options (``device``, ``batch_size``, ``cache_dir``, ...).
+
+    Raises:
+        ConfigError: no such tag, a tag of an image encoder (it reads no OSM tags), or a text model whose width is
+            not the tag's ``text_dim``.
+        MissingWeightsError: the text model is neither installed, cached nor reachable (the message says how to get
+            it).
+    """
+    tag = get_pretrained_tag(name)
+    if tag.text_model is None:
+        raise ConfigError(f"{name} holds a {tag.holds} that reads no OSM tags, so it has no text model")
+    encoder = TagEncoder(tag.text_model, **kwargs)
+    if tag.text_dim is not None and encoder.dim != tag.text_dim:
+        raise ConfigError(f"{name}: its text model {tag.text_model!r} embeds {encoder.dim}-wide tag features, but the "
+                          f"model reads {tag.text_dim}-wide ones")
+    return encoder
 
 
 def register_pretrained(name: str, tag: PretrainedTag) -> None:
@@ -300,8 +396,10 @@ def create_model(name: str | os.PathLike, pretrained: bool | str | os.PathLike =
         name: ``"geolink_vit_large_patch16_224"``, ``"geolink_vit_large_patch16_224.neurips2025"`` (a pretrained
             tag) or the path of an architecture JSON. A saved model folder is not an architecture: use
             :func:`load_model` or ``pretrained=<folder>``.
-        pretrained: ``True`` loads the tag's weights (from the Hub or the local Hugging Face cache; set
-            ``HF_HUB_OFFLINE=1`` to stay offline); a folder path or Hub repo id loads from there instead.
+        pretrained: ``True`` loads the tag's weights (bundled, or from the local Hugging Face cache or the Hub; set
+            ``HF_HUB_OFFLINE=1`` to stay offline); a folder path or Hub repo id loads from there instead, and the
+            path of an official GeoLink ``.pth`` is converted on the fly (once: the converted folder is cached, see
+            :func:`geolink.convert.converted_folder`).
         component: ``"pretraining"`` (everything), ``"fusion"``, ``"image"`` or ``"osm"``.
         **overrides: section dicts merged into the architecture's sections (or, with weights, into the saved
             config), e.g. ``image={"drop_path_rate": 0.1}``, ``osm={"text_dim": 384}``.
@@ -311,12 +409,13 @@ def create_model(name: str | os.PathLike, pretrained: bool | str | os.PathLike =
 
     Raises:
         ConfigError: an unknown architecture, tag, component, section or key (the message lists the valid ones).
-        MissingWeightsError: ``pretrained`` weights that are neither local, cached nor reachable.
+        MissingWeightsError: ``pretrained`` weights that are neither local, cached nor reachable, or a convert-only
+            tag (the message says where to get the official file).
     """
     _check_component(component)
     if pretrained is True:
-        tag = get_pretrained_tag(str(name))
-        return load_model(tag.location, component=component, revision=tag.revision, **overrides)
+        get_pretrained_tag(str(name))
+        return load_model(str(name), component=component, **overrides)
     if pretrained:
         return load_model(pretrained, component=component, **overrides)
     sections = merge_sections(get_model_config(name), overrides)
@@ -325,24 +424,29 @@ def create_model(name: str | os.PathLike, pretrained: bool | str | os.PathLike =
 
 def load_model(location: str | os.PathLike, component: str | None = None, revision: str | None = None,
                **overrides: dict[str, Any]) -> nn.Module:
-    """Load any geolink ``save_pretrained`` folder or Hub repo, whatever class it holds.
+    """Load any geolink ``save_pretrained`` folder or Hub repo, a pretrained tag or an official checkpoint, whatever
+    class it holds.
 
     Args:
-        location: folder or Hub repo id.
+        location: a pretrained tag (always the registry's tag, even when a folder of that name exists), a folder, a
+            Hub repo id, or the path of an official GeoLink ``.pth`` (converted once into a cached folder, see
+            :func:`geolink.convert.converted_folder`).
         component: return this component (``"fusion"``, ``"image"``, ``"osm"``, ``"pretraining"``), extracted from a
             larger saved model when needed; ``None`` returns what the folder holds.
-        revision: Hub revision.
+        revision: Hub revision (a tag's own revision by default).
         **overrides: section dicts merged into the saved config (the sections of the class the folder holds), e.g.
             ``image={"drop_path_rate": 0.1}``.
 
     Raises:
-        InputError: the folder holds no geolink model, or a model without the requested component.
+        InputError: the folder holds no geolink model, or a model without the requested component; an official
+            checkpoint geolink cannot convert.
         ConfigError: an unknown override section or key, or a ``config.json`` that is not a geolink config.
-        MissingWeightsError: the folder lacks ``config.json`` / weights, or the repo is not cached and the Hub cannot
-            be reached.
+        MissingWeightsError: the folder lacks ``config.json`` / weights, the repo is not cached and the Hub cannot
+            be reached, or the tag is convert-only (the message says where to get the official file).
     """
     if component is not None:
         _check_component(component)
+    location, revision = _weights_location(location, revision)
     config = _read_config(location, revision)
     held = config.get("model_class", "GeoLinkImageEncoder" if "pretrained_cfg" in config else None)
     if held not in _CLASSES:
@@ -378,6 +482,25 @@ def saved_sections(component: str, config: Mapping[str, Any], source: str) -> di
     return sections
 
 
+def _weights_location(location: str | os.PathLike, revision: str | None) -> tuple[str | os.PathLike, str | None]:
+    """``(folder or Hub repo id, revision)`` of what :func:`load_model` was given: a tag resolves to its location
+    (refused when convert-only), an official ``.pth`` to its converted folder, anything else stays."""
+    name = str(location)
+    if name in _PRETRAINED:
+        tag = _PRETRAINED[name]
+        if pretrained_availability(name) == "convert-only":
+            raise MissingWeightsError(
+                f"{name} is convert-only: its weights are the official GeoLink release, which the authors distribute "
+                f"outside the Hugging Face Hub (download links in the README of {OFFICIAL_REPOSITORY}). Get the "
+                "official .pth file and pass pretrained='<file.pth>' (converted on the fly and cached), or convert it "
+                "once with `geolink convert <file.pth> <dir>` and pass pretrained='<dir>' (on the command line: "
+                "--model <file.pth> or <dir>)")
+        return tag.location, revision or tag.revision
+    if Path(name).suffix == ".pth":
+        return converted_folder(name), None
+    return location, revision
+
+
 def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str, Any]:
     if Path(location).is_dir():
         path = Path(location) / CONFIG_NAME
@@ -400,8 +523,72 @@ def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str,
     except LocalEntryNotFoundError as error:
         raise MissingWeightsError(
             f"{location} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
-            f"({type(error).__name__}). Download it once with network access, or convert the official release "
-            "yourself: `geolink convert official.pth <dir>` and pass `pretrained='<dir>'`.") from None
+            f"({type(error).__name__}): download it once with network access (it is cached then), or pass a local "
+            "folder") from None
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
         raise MissingWeightsError(f"{location}: no geolink model on the Hugging Face Hub there "
                                   f"({type(error).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------------- preprocessing
+def resolve_data_config(model_or_name: nn.Module | str | os.PathLike) -> dict[str, Any]:
+    """How to feed a model images (timm's ``resolve_data_config``): input size, normalisation and resize policy.
+
+    Args:
+        model_or_name: a model that reads images (a geolink image, fusion or pretraining model, a task model holding
+            one, a timm model): its image encoder's ``pretrained_cfg``; a pretrained tag (``"geolink_tiny.demo"``):
+            the tag's ``input_size``, ``mean`` and ``std`` with its architecture's resize policy; an architecture name
+            or JSON path: the bands and size of the image encoder it builds, with ImageNet statistics (repeated over
+            the bands when there are more than three).
+
+    Returns:
+        ``{"input_size": (bands, H, W), "mean": (...), "std": (...), "interpolation": "bicubic", "crop_pct": 1.0,
+        "crop_mode": "center"}``: the keywords of :class:`~geolink.data.transforms.Preprocess` (and of timm's
+        ``create_transform``), so ``Preprocess(**config)`` is the model's preprocessing.
+
+    Raises:
+        InputError: a model that takes no images (an OSM encoder).
+        ConfigError: an unknown architecture or tag, or a saved model folder (load it, then pass the model).
+    """
+    if isinstance(model_or_name, nn.Module):
+        return model_data_config(model_or_name)
+    name = str(model_or_name)
+    architecture, dot, _ = name.partition(".")
+    tag = get_pretrained_tag(name) if dot and architecture in list_models() and Path(name).suffix != ".json" else None
+    with torch.device("meta"):  # only the encoder's config is read: no memory, no initialisation
+        image = create_model(name, component="image")
+    config = model_data_config(image)
+    if tag is not None:
+        config.update(input_size=tuple(tag.input_size), mean=tuple(tag.mean), std=tuple(tag.std))
+    return config
+
+
+def create_model_and_transforms(name: str | os.PathLike, pretrained: bool | str | os.PathLike = False,
+                                component: str = "pretraining", **overrides: dict[str, Any]
+                                ) -> tuple[nn.Module, Preprocess]:
+    """A model and the preprocessing of its images, as in open_clip: ``model, preprocess = ...``.
+
+    ``preprocess`` turns one image (PIL, numpy ``[H, W, C]`` or tensor ``[C, H, W]``, uint8 or floats in ``[0, 1]``)
+    into the normalised ``[C, H, W]`` tensor the model expects (see :class:`~geolink.data.transforms.Preprocess`);
+    a batch is ``torch.stack([preprocess(image) for image in images])``.
+
+    Args:
+        name, pretrained, component, **overrides: as for :func:`create_model`; ``component`` must read images
+            (``"pretraining"``, ``"fusion"`` or ``"image"``).
+
+    Returns:
+        ``(model, preprocess)``: the preprocessing follows the model's image encoder (its bands and input size, with
+        overrides applied) and, with ``pretrained=True``, the tag's ``mean`` and ``std``.
+
+    Raises:
+        ConfigError: ``component="osm"`` (it takes graphs, not images), or what :func:`create_model` raises.
+    """
+    if component == "osm":
+        raise ConfigError("component 'osm' takes graphs, not images, so it has no image preprocessing: use "
+                          "create_model(name, component='osm'), or component='image', 'fusion' or 'pretraining'")
+    model = create_model(name, pretrained=pretrained, component=component, **overrides)
+    config = resolve_data_config(model)
+    if pretrained is True:
+        tag = get_pretrained_tag(str(name))
+        config.update(mean=tuple(tag.mean), std=tuple(tag.std))
+    return model, Preprocess(**config)

@@ -10,8 +10,10 @@ Layers: the sub-packages ``graph``, ``models``, ``data``, ``train``, ``eval``; t
 ``runtime``, ``hub``, ``registry``, ``convert``; ``cli``; the package root ``geolink`` (its ``__init__``); every other
 top-level module is an app (``demo``, ``finetune``, ``embed``, ...). The tables below are DESIGN §2's arrows
 ("may import"; anything not listed is forbidden). DESIGN does not list the base modules' arrows; they follow from
-the listed ones: ``models`` may import ``hub``, so ``hub`` imports no model; ``registry`` builds models and loads
-their weights (``hub``, and ``convert`` for ``pretrained=<official .pth>``); ``convert`` turns official checkpoints
+the listed ones: ``models`` may import ``hub``, so ``hub`` imports no model; ``registry`` builds models, loads
+their weights (``hub``, and ``convert`` for ``pretrained=<official .pth>``), makes their image preprocessing
+(``data.transforms``, for ``create_model_and_transforms``) and the tag encoder of a tag's text model
+(``graph.text``, for ``tag_encoder_for``); ``convert`` turns official checkpoints
 into models and official graphs into the schema (``graph``).
 """
 
@@ -42,7 +44,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset({"errors"}),
     "runtime": frozenset({"runtime", "errors"}),
     "hub": frozenset({"hub", "errors", "runtime"}),
-    "registry": frozenset({"registry", "models", "hub", "convert", "errors", "runtime"}),
+    "registry": frozenset({"registry", "models", "hub", "convert", "errors", "runtime", "geolink.data.transforms",
+                           "geolink.graph.text"}),
     "convert": frozenset({"convert", "models", "hub", "graph", "errors", "runtime"}),
     "apps": EVERYTHING_BUT_CLI,
     ROOT: EVERYTHING_BUT_CLI,  # the public API: lazy re-exports of the layers

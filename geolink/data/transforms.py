@@ -23,6 +23,12 @@ box): the centroid for polygons (last anchor) and lines (first anchor), the poin
 then renormalised to the crop and clamped to ``[0, 1]``; edges survive when both ends survive and are re-indexed
 with a vectorised lookup; ``edge_attr`` rows are kept. Delaunay point edges are not recomputed (the survivors keep
 their original triangulation edges).
+
+Inference preprocessing lives here too: :class:`Preprocess` turns one image (PIL, numpy ``[H, W, C]``, tensor
+``[C, H, W]``) into the normalised tensor a model expects, with timm's evaluation resize policy, and
+:func:`model_data_config` reads a model's data config (input size, mean, std, resize policy; timm's keys) from its
+image encoder. ``geolink.resolve_data_config`` and ``geolink.create_model_and_transforms`` (in the registry) build on
+them.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.data import HeteroData
 
+from geolink.errors import ConfigError, InputError
 from geolink.graph.schema import NODE_TYPES
+from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 REPRESENTATIVE_ANCHOR: dict[str, int] = {"polygon": 3, "line": 0, "point": 0}
 """Index in ``g[t].pos[:, :, :]`` of the anchor that decides whether a node survives a crop (the centroid)."""
@@ -497,3 +505,141 @@ def default_train_transform(size: int = 224) -> Compose:
 def default_eval_transform(size: int = 224) -> Compose:
     """Deterministic: resize to ``size × size`` (anchors are resolution-independent)."""
     return Compose([Resize(size)])
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def model_data_config(model: Any) -> dict[str, Any]:
+    """The data config of a model that takes images, read from its image encoder's timm ``pretrained_cfg``.
+
+    Duck-typed (this layer does not know the model classes): the first of ``model``, its ``image_encoder`` (fusion
+    and pretraining models), its ``encoder`` (task models) and so on down, that has a ``pretrained_cfg`` — in its
+    ``hub_config()`` (a geolink image encoder, whose saved folder is a timm folder) or as an attribute (a timm
+    model) — gives the config.
+
+    Returns:
+        ``{"input_size": (bands, H, W), "interpolation", "mean", "std", "crop_pct", "crop_mode"}`` (see
+        :class:`Preprocess`); missing entries of a timm config take timm's defaults (bicubic, crop 0.875, centre).
+
+    Raises:
+        InputError: nothing in ``model`` takes images (e.g. an OSM encoder).
+    """
+    module = model
+    while module is not None:
+        cfg = module.hub_config().get("pretrained_cfg") if callable(getattr(module, "hub_config", None)) else None
+        cfg = cfg or getattr(module, "pretrained_cfg", None)
+        if cfg:
+            bands = int(cfg["input_size"][0])
+            return {"input_size": tuple(int(v) for v in cfg["input_size"]),
+                    "interpolation": cfg.get("interpolation") or "bicubic",
+                    "mean": tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN[:bands])),
+                    "std": tuple(float(v) for v in cfg.get("std", IMAGENET_STD[:bands])),
+                    "crop_pct": float(cfg.get("crop_pct") or 0.875), "crop_mode": cfg.get("crop_mode") or "center"}
+        module = getattr(module, "image_encoder", None) or getattr(module, "encoder", None)
+    raise InputError(f"{type(model).__name__} takes no images (no image encoder with a pretrained_cfg), so it has no "
+                     "data config; pass a model that reads images (an image, fusion or pretraining model), or its "
+                     "name")
+
+
+def _chw_tensor(image: Any) -> torch.Tensor:
+    """A PIL image, an ``[H, W(, C)]`` numpy array or a ``[(C, )H, W]`` tensor as a ``[C, H, W]`` tensor (uint8 or
+    float, never sharing memory with a numpy input)."""
+    if hasattr(image, "getbands"):  # PIL: palette and bilevel pixels are not band values
+        image = np.array(image.convert("RGB") if image.mode in ("1", "P") else image)
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise InputError(f"a numpy image is [H, W] or [H, W, C] (HWC, as PIL and OpenCV give); got shape "
+                             f"{image.shape}")
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+            raise InputError(f"images are uint8 (0-255) or floats in [0, 1]; got a {image.dtype} array: scale it to "
+                             "[0, 1] first (e.g. array / 65535 for 16-bit data, or by your sensor's range)")
+        array = np.array(image, dtype=np.uint8 if image.dtype == np.uint8 else np.float32)
+        return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        if image.dim() == 4:
+            raise InputError(f"preprocess takes one image [C, H, W]; got a batch of shape {tuple(image.shape)}: "
+                             "use torch.stack([preprocess(image) for image in images])")
+        if image.dim() not in (2, 3):
+            raise InputError(f"an image tensor is [C, H, W] or [H, W]; got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise InputError(f"images are uint8 (0-255) or floats in [0, 1]; got a {image.dtype} tensor: scale it to "
+                             "[0, 1] first")
+        return image if image.dim() == 3 else image.unsqueeze(0)
+    raise InputError(f"preprocess takes a PIL image, a numpy array [H, W, C] or a tensor [C, H, W]; got "
+                     f"{type(image).__name__}")
+
+
+class Preprocess:
+    """Turn one image into the normalised float tensor ``[C, H, W]`` a model expects (timm's evaluation transform).
+
+    Build it from a data config: ``Preprocess(**geolink.resolve_data_config(model))``, or take the one
+    ``geolink.create_model_and_transforms`` returns. The resize policy is timm's evaluation one: with
+    ``crop_mode="center"`` the shorter side is resized to ``floor(size / crop_pct)`` (aspect kept; a non-square
+    ``input_size`` resizes both sides to ``floor(H / crop_pct) × floor(W / crop_pct)``), then the central ``H × W``
+    box is cut; ``crop_mode="squash"`` resizes both sides (aspect not kept) before that crop. The geolink models'
+    default, ``crop_pct=1.0``, keeps the whole shorter side. Pixels are resized as floats in ``[0, 1]`` (antialiased
+    when shrinking), whatever the input type, so a uint8 image and the same image as floats give the same output;
+    :func:`geolink.runtime.normalise` then applies ``mean`` / ``std``.
+
+    Accepted images: a PIL image (palette and bilevel images as RGB; an RGBA image has four bands), a numpy array
+    ``[H, W, C]`` or ``[H, W]`` (uint8, or floats in ``[0, 1]``), a tensor ``[C, H, W]`` or ``[H, W]`` (uint8, or
+    floats in ``[0, 1]``), with as many bands as ``mean`` has values. Batches:
+    ``torch.stack([preprocess(image) for image in images])``. Inputs are never modified.
+
+    Args:
+        input_size: ``(bands, H, W)``, ``(H, W)`` or one int for a square output.
+        mean, std: per-band normalisation, one value per band.
+        interpolation: ``"bicubic"`` or ``"bilinear"``.
+        crop_pct: fraction of the resized image kept by the centre crop, in ``(0, 1]``.
+        crop_mode: ``"center"`` or ``"squash"`` (see above).
+
+    Raises:
+        ConfigError: ``mean``, ``std`` and the bands of ``input_size`` disagree, or an invalid ``crop_pct`` /
+            ``crop_mode``.
+    """
+
+    def __init__(self, input_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic", crop_pct: float = 1.0,
+                 crop_mode: str = "center") -> None:
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        shape_ok = len(size) == 2 or (len(size) == 3 and size[0] == len(self.mean))
+        if not shape_ok or len(self.mean) != len(self.std):
+            raise ConfigError(f"input_size {input_size}, mean ({len(self.mean)} values) and std ({len(self.std)} "
+                              "values) must agree: (bands, H, W) or (H, W), and one mean and std value per band")
+        if not 0 < crop_pct <= 1:
+            raise ConfigError(f"crop_pct is the kept fraction of the resized image, in (0, 1]; got {crop_pct}")
+        if crop_mode not in ("center", "squash"):
+            raise ConfigError(f"crop_mode must be 'center' or 'squash'; got {crop_mode!r}")
+        self.size: tuple[int, int] = size[-2:]
+        self.interpolation, self.crop_pct, self.crop_mode = interpolation, float(crop_pct), crop_mode
+        scaled = tuple(math.floor(side / self.crop_pct) for side in self.size)
+        resize = (ResizeShortSide(scaled[0], interpolation=interpolation)
+                  if crop_mode == "center" and scaled[0] == scaled[1] else Resize(scaled, interpolation=interpolation))
+        self.transform = Compose([resize, CenterCrop(self.size)])
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        """The normalised float32 ``[C, H, W]`` tensor of ``image`` (see the class docstring for what it accepts).
+
+        Raises:
+            InputError: an unsupported type, shape or dtype, or a band count other than the normalisation's.
+        """
+        pixels = _chw_tensor(image)
+        bands, expected = pixels.shape[0], len(self.mean)
+        if bands != expected:
+            hint = ""
+            if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[0] == expected:
+                hint = "; numpy arrays are read as [H, W, C]: pass a [C, H, W] array as torch.from_numpy(array)"
+            elif isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[-1] == expected:
+                hint = "; tensors are read as [C, H, W]: pass an [H, W, C] tensor as tensor.permute(2, 0, 1)"
+            elif hasattr(image, "getbands") and bands == 4 and expected == 3:
+                hint = "; for an RGBA image pass image.convert('RGB')"
+            raise InputError(f"the image has {bands} bands but the preprocessing normalises {expected} (mean and std "
+                             f"have {expected} values): pass {expected}-band images, or build the preprocessing with "
+                             f"{bands} mean and std values{hint}")
+        return normalise(self.transform(as_float(pixels))[0], self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (f"Preprocess(input_size={(len(self.mean), *self.size)}, mean={self.mean}, std={self.std}, "
+                f"interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, crop_mode={self.crop_mode!r})")

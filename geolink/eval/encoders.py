@@ -23,11 +23,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from geolink.errors import DataError, InputError
+from geolink.errors import DataError, InputError, MissingWeightsError
 from geolink.models.heads import global_features
 from geolink.models.image import GeoLinkImageEncoder
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, normalise, resolve_device
@@ -64,11 +65,13 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
     """Resolve a model spec to an encoder.
 
     Args:
-        spec: a geolink ``save_pretrained`` folder or Hub repo; a pretrained tag ``"<architecture>.<tag>"``; a
+        spec: a pretrained tag ``"<architecture>.<tag>"``; a geolink ``save_pretrained`` folder, Hub repo or
+            official ``.pth`` checkpoint (converted once and cached, see :func:`geolink.load_model`); a
             registered architecture name (random weights — a warning is printed); or ``"timm:<model name>"``
             (only for ``component="image"``).
         component: ``"image"`` or ``"fusion"`` (or any :func:`geolink.create_model` component).
-        timm_pretrained: for ``"timm:"`` specs, load timm's pretrained weights (downloads them once).
+        timm_pretrained: for ``"timm:"`` specs, load timm's pretrained weights: from the local Hugging Face cache,
+            else downloaded once (a line on stderr says so).
         warn: print a warning to stderr when the weights are random.
         **overrides: for registered architectures, config sections (``image={"img_size": 64}``, see
             :func:`geolink.create_model`); for timm models, ``timm.create_model`` kwargs (``img_size=64``).
@@ -78,6 +81,7 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
 
     Raises:
         InputError: the spec names nothing geolink knows.
+        MissingWeightsError: timm's pretrained weights are neither cached nor downloadable (offline).
     """
     from geolink import registry
 
@@ -87,19 +91,28 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
         import timm
 
         name = spec[len("timm:"):]
-        model = timm.create_model(name, pretrained=timm_pretrained, num_classes=0, **overrides)
+        if timm_pretrained and not _timm_weights_cached(name) and not huggingface_hub.constants.HF_HUB_OFFLINE:
+            print(f"downloading the pretrained weights of timm model {name} (once: later runs use the local cache)",
+                  file=sys.stderr)
+        try:
+            model = timm.create_model(name, pretrained=timm_pretrained, num_classes=0, **overrides)
+        except OSError as error:  # not cached and no network: LocalEntryNotFoundError, URLError, ConnectionError
+            raise MissingWeightsError(
+                f"timm model {name!r}: its pretrained weights are not in the local Hugging Face cache and cannot be "
+                f"downloaded ({type(error).__name__}); download them once with network access, or use random "
+                "weights: timm_pretrained=False (geolink eval --no-timm-pretrained)") from error
         cfg = model.pretrained_cfg or {}
         if warn and not timm_pretrained:
             print(f"warning: {name} has random weights (timm pretrained=False)", file=sys.stderr)
         return LoadedEncoder(model.eval(), name, tuple(cfg.get("mean", IMAGENET_MEAN)),
                              tuple(cfg.get("std", IMAGENET_STD)), timm_pretrained)
-    if Path(spec).is_dir() or ("/" in spec and Path(spec).suffix != ".json"):
-        model = registry.load_model(spec, component=component)
-        return LoadedEncoder(model.eval(), Path(spec).name or spec, *_norm_of(model))
-    if spec in registry.list_pretrained():
+    if spec in registry.list_pretrained():  # a registered tag always means the registry's, never a folder
         tag = registry.get_pretrained_tag(spec)
         model = registry.create_model(spec, pretrained=True, component=component)
         return LoadedEncoder(model.eval(), spec, tuple(tag.mean), tuple(tag.std))
+    if Path(spec).is_dir() or Path(spec).suffix == ".pth" or ("/" in spec and Path(spec).suffix != ".json"):
+        model = registry.load_model(spec, component=component)  # a folder, a Hub repo, or an official .pth
+        return LoadedEncoder(model.eval(), Path(spec).name or spec, *_norm_of(model))
     if spec.partition(".")[0] in registry.list_models() or Path(spec).suffix == ".json":
         if "." in spec and Path(spec).suffix != ".json":
             raise InputError(f"model {spec!r} is not a known pretrained tag (known: "
@@ -112,6 +125,17 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
     raise InputError(f"cannot resolve model {spec!r} (pass a geolink folder, a pretrained tag "
                      f"({', '.join(registry.list_pretrained())}), an architecture "
                      f"({', '.join(registry.list_models())}) or 'timm:<timm model name>')")
+
+
+def _timm_weights_cached(name: str) -> bool:
+    """Whether timm's pretrained weights of ``name`` are in the local Hugging Face cache (weights timm fetches from
+    other URLs count as not cached)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    return bool(repo) and any(isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str)
+                              for filename in ("model.safetensors", "pytorch_model.bin"))
 
 
 def _norm_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

