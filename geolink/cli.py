@@ -240,7 +240,8 @@ def parse_config(config_class: type, argv: Sequence[str] | None = None, descript
 
 # ---------------------------------------------------------------------------------------------------------- jobs
 def info() -> int:
-    """Print the versions geolink runs with and every registered architecture and pretrained tag."""
+    """Print the versions geolink runs with, every registered architecture, and a table of the pretrained tags:
+    where their weights can come from now (offline), what they hold, their text model and licence."""
     import platform
 
     import timm
@@ -248,6 +249,7 @@ def info() -> int:
     import torch_geometric
 
     import geolink
+    from geolink.registry import AVAILABILITY
 
     print(f"geolink {geolink.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -257,8 +259,16 @@ def info() -> int:
     for name in geolink.list_models():
         print(f"  {name}")
     print("pretrained:")
-    for name in geolink.list_pretrained():
-        print(f"  {name}")
+    availability = geolink.list_pretrained(available=True)
+    rows = [("tag", "availability", "holds", "text model", "licence")]
+    for name, where in availability.items():
+        tag = geolink.get_pretrained_tag(name)
+        rows.append((name, where, tag.holds, tag.text_model or "-", tag.license))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for where in dict.fromkeys(availability.values()):
+        print(f"{where}: {AVAILABILITY[where]}")
     return 0
 
 
@@ -294,10 +304,13 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink pretrain --data bundled --out runs/tiny --max-steps 200 --batch-size 8\n"
         "  torchrun --nproc_per_node 8 -m geolink.cli pretrain --arch geolink_vit_large_patch16_224 "
         "--data shards/ --batch-size 64 --precision bf16 --out runs/vitl"),
+    Job("plot-metrics", "draw a pretraining run's metrics.jsonl as training curves (PNG; needs matplotlib)",
+        "geolink.plots:PlotMetricsConfig", "geolink.plots:plot_metrics",
+        "example:\n  geolink plot-metrics runs/tiny/metrics.jsonl --out curves.png"),
     Job("build-graphs", "turn OpenStreetMap data into one stored graph per tile",
         "geolink.graph.tiles:BuildGraphsConfig", "geolink.graph.tiles:build_graphs",
         "examples:\n  geolink build-graphs --pbf helsinki.osm.pbf --tile-size 200m --out graphs/\n"
-        "  geolink build-graphs --vector city.geojson --grid 6 4 --text-model ./minilm --out graphs/"),
+        "  geolink build-graphs --vector city.geojson --grid 6 4 --text-model minilm --out graphs/"),
     Job("tag-stats", "count OSM tag keys into a key-frequency table",
         "geolink.graph.readers:TagStatsConfig", "geolink.graph.readers:tag_stats",
         "example:\n  geolink tag-stats finland.osm.pbf --out tag_weights.json --min-count 10"),
@@ -308,8 +321,8 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("make-pairs", "build (or append to) a sharded image-OSM pair dataset for pretraining",
         "geolink.data.shards:MakePairsConfig", "geolink.data.shards:make_pairs",
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
-        "sentence-transformers/all-MiniLM-L6-v2 --out pairs/\n"
-        "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model ./minilm --out pairs/"),
+        "minilm --out pairs/\n"
+        "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
 )}
 
 
@@ -385,6 +398,13 @@ def _one_line(error: BaseException, config_class: type | None) -> str:
     return in_flag_words(message, config_class) if config_class is not None else message
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the command line: ``warning: <message>`` on one line (``--debug`` restores
+    Python's ``file:line: Category:`` form)."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geolink`` console script; returns the process exit code."""
     # torch_geometric's import triggers torch's jit.script deprecation notice: noise for a command-line user
@@ -402,9 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = job_parser(job).parse_args(rest)
     debug = debug or args.debug
     try:
-        config = config_from_args(config_class, args) if config_class is not None else None
-        function = resolve(job.function)
-        result = function(config) if config_class is not None else function()
+        with warnings.catch_warnings():  # restores Python's warning display when the job returns
+            if not debug:
+                warnings.showwarning = _one_line_warning
+            config = config_from_args(config_class, args) if config_class is not None else None
+            function = resolve(job.function)
+            result = function(config) if config_class is not None else function()
     except USER_ERRORS as error:
         if debug:
             raise

@@ -3,7 +3,9 @@
 Loads the embedded pretrained default (``geolink_tiny.demo``, shipped in the package), builds the OSM graph of a
 bundled official example tile with the graph builder (tag embeddings come from the embedding table shipped with the
 bundled pairs, so no text model is needed), runs the fusion encoder and writes three panels: the image, the OSM
-geometries and graph drawn over it, and a PCA (3 components → RGB) of the fused feature map. The job is
+geometries and graph drawn over it, and a PCA (3 components → RGB) of the fused feature map, laid out as a figure
+reads in a paper: a header naming the tile, a title over each panel, a colour key for the graph and a caption saying
+what the model is and what the PCA colours mean. Drawn with Pillow only (matplotlib is not needed). The job is
 :class:`DemoConfig` → :func:`run_demo`.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch_geometric.data import Batch
 
 from geolink.errors import InputError
@@ -26,7 +28,11 @@ ASSETS = Path(__file__).parent / "assets"
 TILES = ASSETS / "tiles"
 DEFAULT_TILE = "a472140250_FI_21"
 TYPE_COLOURS = {"polygon": (255, 196, 0), "line": (0, 200, 255), "point": (255, 60, 200)}
-PANEL = 448
+EDGE_COLOUR = (255, 255, 255, 70)
+# figure layout in pixels: panel width, gaps, and the heights of the bands above and below the panels
+PANEL, GAP, MARGIN = 448, 16, 24
+HEADER, TITLE, LEGEND, CAPTION = 44, 34, 40, 70
+INK, GREY = (20, 20, 20), (90, 90, 90)
 
 
 def list_tiles() -> list[str]:
@@ -102,11 +108,65 @@ def draw_graph(image: Image.Image, features, bbox, graph) -> Image.Image:
     for src, _, dst in EDGE_TYPES:
         for a, b in graph[src, "to", dst].edge_index.t().tolist():
             if (src, a) != (dst, b):
-                draw.line([tuple(centres[src][a]), tuple(centres[dst][b])], fill=(255, 255, 255, 70), width=1)
+                draw.line([tuple(centres[src][a]), tuple(centres[dst][b])], fill=EDGE_COLOUR, width=1)
     for node_type in NODE_TYPES:
         for x, y in centres[node_type]:
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(*TYPE_COLOURS[node_type], 255), outline=(0, 0, 0, 255))
     return canvas
+
+
+def _degrees(value: float, hemispheres: str) -> str:
+    """``-116.68`` with ``"EW"`` -> ``"116.6800°W"``."""
+    return f"{abs(value):.4f}°{hemispheres[value < 0]}"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _legend(draw: ImageDraw.ImageDraw, left: int, top: int, counts: dict[str, int]) -> None:
+    """The colour key of the graph panel: one swatch per node type (geometry outline + node) and one for edges."""
+    font, x, y = ImageFont.load_default(size=15), left, top + 10
+    for node_type, colour in TYPE_COLOURS.items():
+        if node_type == "polygon":
+            draw.rectangle([x, y + 1, x + 18, y + 15], outline=colour, width=2)
+        elif node_type == "line":
+            draw.line([x, y + 13, x + 18, y + 3], fill=colour, width=3)
+        draw.ellipse([x + 5, y + 4, x + 13, y + 12], fill=colour, outline=(0, 0, 0))
+        label = f"{node_type}s ({counts[node_type]})"
+        draw.text((x + 24, y + 8), label, fill=INK, font=font, anchor="lm")
+        x += 24 + int(draw.textlength(label, font=font)) + 18
+    draw.rectangle([x, y, x + 18, y + 16], fill=(60, 60, 60))  # a dark swatch: edges are drawn light, over the image
+    draw.line([x + 2, y + 13, x + 16, y + 3], fill=EDGE_COLOUR[:3], width=2)
+    draw.text((x + 24, y + 8), "graph edges (relations)", fill=INK, font=font, anchor="lm")
+
+
+def compose_figure(panels: list[Image.Image], titles: list[str], header: str, caption: str,
+                   counts: dict[str, int]) -> Image.Image:
+    """The three panels on one white sheet: ``header`` over all, a title over each panel, the graph colour key under
+    the middle panel and ``caption`` (wrapped) under the figure. Panels are ``PANEL`` pixels wide."""
+    height = panels[0].height
+    sheet = Image.new("RGB", (2 * MARGIN + 3 * PANEL + 2 * GAP, HEADER + TITLE + height + LEGEND + CAPTION),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((MARGIN, HEADER // 2 + 4), header, fill=INK, font=ImageFont.load_default(size=22), anchor="lm")
+    top = HEADER + TITLE
+    for index, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        left = MARGIN + index * (PANEL + GAP)
+        draw.text((left, top - 8), title, fill=INK, font=ImageFont.load_default(size=17), anchor="ls")
+        sheet.paste(panel, (left, top))
+    _legend(draw, MARGIN + PANEL + GAP, top + height, counts)
+    font = ImageFont.load_default(size=15)
+    for row, line in enumerate(_wrap(draw, caption, font, sheet.width - 2 * MARGIN)[:3]):
+        draw.text((MARGIN, top + height + LEGEND + 6 + 20 * row), line, fill=GREY, font=font)
+    return sheet
 
 
 @dataclass
@@ -146,12 +206,21 @@ def run_demo(config: DemoConfig) -> Path:
     panel = (PANEL, round(PANEL * image.height / image.width))
     shown = image.resize(panel, Image.Resampling.BICUBIC)
     panels = [shown, draw_graph(shown, features, bbox, graph), fused_pca_image(fused, panel)]
-    sheet = Image.new("RGB", (3 * panel[0] + 20, panel[1]), (255, 255, 255))
-    for index, picture in enumerate(panels):
-        sheet.paste(picture, (index * (panel[0] + 10), 0))
+    counts = {t: graph[t].num_nodes for t in ("polygon", "line", "point")}
+    channels, rows, cols = fused.shape  # the default font has no multiplication sign or en dash: plain x and "to"
+    west, south, east, north = bbox
+    titles = [f"(a) image, {image.width} x {image.height} px", "(b) OSM objects and their graph over the image",
+              f"(c) PCA of the fused features ({rows} x {cols}, {channels} channels)"]
+    header = (f"GeoLink demo: tile {config.tile}  ·  {_degrees(west, 'EW')} to {_degrees(east, 'EW')}, "
+              f"{_degrees(south, 'NS')} to {_degrees(north, 'NS')}")
+    caption = ("Model: geolink_tiny.demo, a tiny GeoLink trained on the 5 bundled tiles only: a demonstration, not "
+               "the paper's weights. (b) each OSM object is a node at its centre, linked to the objects it touches, "
+               "crosses or contains. (c) the first three principal components of the last fused feature map, "
+               "shown as red, green and blue: places of similar colour have similar image + OSM features.")
+    sheet = compose_figure(panels, titles, header, caption, counts)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    counts = ", ".join(f"{graph[t].num_nodes} {t}s" for t in ("polygon", "line", "point"))
-    print(f"tile {config.tile}: {counts}; fused map {tuple(fused.shape)}\nwrote {out.resolve()}")
+    listed = ", ".join(f"{n} {t}s" for t, n in counts.items())
+    print(f"tile {config.tile}: {listed}; fused map {tuple(fused.shape)}\nwrote {out.resolve()}")
     return out

@@ -233,6 +233,8 @@ ERROR_CASES = {
                 lambda tmp, fixture: [str(tmp / "missing.pth"), str(tmp / "o"), "--component", "everything"]),
     "demo": (lambda tmp, fixture: ["--out", str(_file(tmp) / "demo.png")],
              lambda tmp, fixture: ["--tile", "no_such_tile"]),
+    "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
+                     lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
 }
 
@@ -276,3 +278,15 @@ def test_dict_results_are_printed_as_json(tmp_path, capsys):
          "geometry": {"type": "Point", "coordinates": [0.0, 0.0]}}]}))
     code, out, _ = run_cli(capsys, "tag-stats", str(geojson), "--out", str(tmp_path / "t.json"), "--quiet")
     assert code == 0 and json.loads(out)["keys"] == len(json.loads((tmp_path / "t.json").read_text()))
+
+
+def test_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
+    from geolink.cli import main
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 1.0, "lr": 0.1, "samples_per_s": 2.0}\n{"step": 2, "lo')  # torn last line
+    pytest.importorskip("matplotlib")
+    assert main(["plot-metrics", str(metrics), "--out", str(tmp_path / "c.png")]) == 0
+    warning_lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(warning_lines) == 1
+    assert warning_lines[0].startswith("warning: ") and "UserWarning" not in warning_lines[0]

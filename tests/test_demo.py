@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,23 @@ from torch_geometric.data import Batch
 
 import geolink
 from geolink.data.pairs import PairShards, collate_pairs
-from geolink.demo import DEFAULT_TILE, TILES, DemoConfig, build_tile_graph, list_tiles, read_tile, run_demo
+from geolink.demo import (
+    CAPTION,
+    DEFAULT_TILE,
+    GAP,
+    HEADER,
+    LEGEND,
+    MARGIN,
+    PANEL,
+    TILES,
+    TITLE,
+    DemoConfig,
+    build_tile_graph,
+    compose_figure,
+    list_tiles,
+    read_tile,
+    run_demo,
+)
 from geolink.errors import InputError
 from geolink.graph.schema import validate_graph
 from geolink.registry import ASSETS_DIR
@@ -86,13 +103,39 @@ def test_demo_config_names_the_bundled_tiles(capsys):
     assert capsys.readouterr().out.split() == list_tiles()
 
 
-def test_demo_command_runs_offline_and_writes_the_png(tmp_path):
+def test_demo_command_runs_offline_without_matplotlib_and_writes_the_figure(tmp_path):
     out = tmp_path / "demo.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "geolink.cli", "demo", "--out", str(out)], capture_output=True,
-                            text=True, env=env)
+    without_matplotlib = ("import sys; sys.modules['matplotlib'] = None; from geolink.cli import main; "
+                          "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", without_matplotlib, "demo", "--out", str(out)],
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert str(out.resolve()) in result.stdout
+    image, _, _ = read_tile(DEFAULT_TILE)
+    panel_height = round(PANEL * image.height / image.width)
     with Image.open(out) as picture:
-        width, height = picture.size
-        assert width > 3 * height // 2 and height >= 300  # three panels side by side
+        sheet = np.asarray(picture.convert("L"), dtype=float)
+    assert sheet.shape == (HEADER + TITLE + panel_height + LEGEND + CAPTION, 2 * MARGIN + 3 * PANEL + 2 * GAP)
+    # the text bands hold text: the header (tile name), the panel titles, the colour key, the caption
+    legend = HEADER + TITLE + panel_height
+    bands = {"header": sheet[:HEADER], "titles": sheet[HEADER:HEADER + TITLE],
+             "legend": sheet[legend:legend + LEGEND, MARGIN + PANEL + GAP:MARGIN + 2 * PANEL + GAP],
+             "caption": sheet[legend + LEGEND:]}
+    for name, band in bands.items():
+        assert band.std() > 10 and band.min() < 100, f"the {name} band is blank"
+    assert bands["header"][:, MARGIN + PANEL:].std() > 10  # the header runs on past the first panel (tile name)
+    assert sheet[legend:legend + LEGEND, :MARGIN + PANEL].std() == 0  # the key stands under the graph panel only
+
+
+def test_the_figure_layout_puts_each_part_in_its_band():
+    panels = [Image.new("RGB", (PANEL, 100), colour) for colour in ("red", "green", "blue")]
+    sheet = compose_figure(panels, ["a", "b", "c"], "header", "caption " * 200, {"polygon": 1, "line": 2, "point": 3})
+    assert sheet.size == (2 * MARGIN + 3 * PANEL + 2 * GAP, HEADER + TITLE + 100 + LEGEND + CAPTION)
+    for index, colour in enumerate([(255, 0, 0), (0, 128, 0), (0, 0, 255)]):
+        left = MARGIN + index * (PANEL + GAP)
+        top, bottom = HEADER + TITLE, HEADER + TITLE + 99
+        assert sheet.getpixel((left, top)) == sheet.getpixel((left + PANEL - 1, bottom)) == colour
+    pixels = np.asarray(sheet.convert("L"), dtype=float)
+    assert pixels[-4:].std() == 0  # a long caption is cut to three lines, within its band
+    assert pixels[HEADER + TITLE + 100:HEADER + TITLE + 100 + LEGEND].std() > 10  # the colour key

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from geolink.eval import (
     encode_images,
     evaluate_image_folder,
     extract_features,
+    format_table,
     image_folder_splits,
     knn_classify,
     knn_scores,
@@ -137,10 +141,58 @@ def test_cli_eval_side_by_side(tmp_path, capsys):
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("metric"))
     assert "geolink_tiny" in header and "vit_tiny_patch16_224" in header
-    assert "knn top1 (k=3)" in printed and "linear top1" in printed
+    assert "knn top1 (k=3)" in printed and "linear top1" in printed and "top5" not in printed  # 3 classes
     report = json.loads(output.read_text())
     assert set(report["results"]) == {"geolink_tiny", "vit_tiny_patch16_224"}
     assert report["results"]["vit_tiny_patch16_224"]["knn"]["num_test"] == report["num_test"]
+
+
+def _result(num_classes: int) -> dict:
+    scores = {"top1": 0.5, "top5": 1.0, "mean_class_accuracy": 0.5, "k": 3,
+              "per_class_accuracy": {str(c): 0.5 for c in range(num_classes)}}
+    return {"m": {"feature_dim": 8, "pretrained": True, "knn": scores, "linear": scores}}
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 6])
+def test_the_table_shows_top5_only_with_more_than_5_classes(num_classes):
+    table = format_table(_result(num_classes))
+    assert "knn top1 (k=3)" in table and "linear top1" in table and "linear mean_class_accuracy" in table
+    assert ("top5" in table) == (num_classes > 5)
+
+
+def test_cli_eval_offline_without_cached_timm_weights_is_one_line(tmp_path):
+    root = _image_folder(tmp_path / "data", classes=2, per_class=2)
+    cache = tmp_path / "hf"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub")}
+    result = subprocess.run([sys.executable, "-m", "geolink.cli", "eval", "knn", "--model", "geolink_tiny", "--data",
+                             str(root), "--compare-timm", "vit_tiny_patch16_224", "--img-size", "32", "--quiet"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: geolink_tiny")]
+    assert len(errors) == 1 and errors[0].startswith("error: timm model 'vit_tiny_patch16_224': its pretrained "
+                                                     "weights are not in the local Hugging Face cache")
+    assert errors[0].endswith("(geolink eval --no-timm-pretrained)")
+    assert not (cache / "hub").exists() or not any((cache / "hub").rglob("*.safetensors"))
+
+
+def test_timm_weights_in_the_local_cache_are_used_offline(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    cached = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    repo = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default tag
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(cached, repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    script = ("from geolink.eval.encoders import load_encoder; e = load_encoder('timm:vit_tiny_patch16_224'); "
+              "print(e.pretrained, float(e.model.patch_embed.proj.weight.double().sum()))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    pretrained, checksum = result.stdout.split()
+    assert pretrained == "True"
+    assert float(checksum) == pytest.approx(float(cached["patch_embed.proj.weight"].double().sum()), abs=1e-9)
 
 
 def test_cli_eval_rejects_unknown_model(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from shapely.geometry import Point, box
 
 from geolink.cli import main
 from geolink.data.folders import GraphFolder
+from geolink.demo import TILES
 from geolink.errors import ConfigError, DataError, InputError, MissingInputError
 from geolink.graph.build import OSMGraphBuilder
 from geolink.graph.readers import read_geojson, read_osm, reproject
@@ -241,3 +243,21 @@ def test_build_graphs_vector_and_footprints(shared_data, tmp_path, minilm_encode
         assert torch.equal(stored[e].edge_index, direct[e].edge_index)
     with pytest.raises(MissingInputError, match="nowhere.json"):
         build_graphs(BuildGraphsConfig(out=out, vector=vector, footprints=(tmp_path / "nowhere.json",)))
+
+
+def test_build_graphs_progress_names_each_stage(minilm_path, tmp_path, capsys):
+    tile = "a472140250_FI_21"
+    vector = TILES / tile / f"{tile}_polygon.geojson"
+    out = tmp_path / "graphs"
+    assert main(["build-graphs", "--vector", str(vector), "--grid", "2", "2", "--text-model", str(minilm_path),
+                 "--out", str(out)]) == 0
+    stderr = capsys.readouterr().err
+    vocabulary = len(json.loads((out / "vocab.json").read_text())["strings"])
+    # the last state of each bar: read (one file), geometry and write (4 tiles), tag embedding (every vocabulary tag)
+    for stage, done in ((f"reading {vector.name}", "1/1"), ("geometry", "4/4"),
+                        ("tag embedding", f"{vocabulary}/{vocabulary}"), ("write", "4/4")):
+        assert re.search(rf"{re.escape(stage)}: 100%.*\b{done} ", stderr), f"no finished {stage!r} bar in {stderr!r}"
+    assert stderr.index("reading") < stderr.index("geometry") < stderr.index("tag embedding") < stderr.index("write")
+    assert main(["build-graphs", "--vector", str(vector), "--grid", "2", "2", "--out", str(tmp_path / "quiet"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # quiet: no bars

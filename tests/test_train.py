@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,16 @@ def test_config_flags_and_schedule():
     assert TrainConfig().precision is Precision.AUTO and TrainConfig().overrides == {}
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         TrainConfig(batch_size=0)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about_once():
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 is not below max_steps=100: .* \(a tenth: 10\)$") as caught:
+        config = TrainConfig(max_steps=100)
+    assert len(caught) == 1 and config.warmup_steps == 100  # kept as given: the schedule is the user's
+    assert config.lr_at(99, 1) == pytest.approx(config.peak_lr(1))  # the peak comes only with the last step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(max_steps=101)
 
 
 def test_a_missing_data_folder_names_the_parameter(tmp_path):

@@ -74,18 +74,20 @@ def compare_encoders(encoders: Sequence[LoadedEncoder], train: Dataset, test: Da
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """An aligned text table: one row per (protocol, metric), one column per encoder; accuracies in percent."""
+    """An aligned text table: one row per (protocol, metric), one column per encoder; accuracies in percent.
+
+    A top-k row appears only for k smaller than the number of classes (top-5 of a 5-class task is always 100 %)."""
     names = list(results)
     rows: list[tuple[str, list[str]]] = [("feature dim", [str(results[n]["feature_dim"]) for n in names]),
                                          ("weights", ["pretrained" if results[n]["pretrained"] else "random"
                                                       for n in names])]
-    for protocol, metrics in (("knn", ("top1", "top5", "mean_class_accuracy")),
-                              ("linear", ("top1", "top5", "mean_class_accuracy"))):
-        if not any(protocol in results[n] for n in names):
+    for protocol in ("knn", "linear"):
+        done = [results[n][protocol] for n in names if protocol in results[n]]
+        if not done:
             continue
-        for metric in metrics:
-            label = f"{protocol} {metric}" + (f" (k={results[names[0]][protocol]['k']})"
-                                              if protocol == "knn" and metric == "top1" else "")
+        topk = ("top1", "top5") if len(done[0]["per_class_accuracy"]) > 5 else ("top1",)
+        for metric in (*topk, "mean_class_accuracy"):
+            label = f"{protocol} {metric}" + (f" (k={done[0]['k']})" if protocol == "knn" and metric == "top1" else "")
             rows.append((label, [f"{100 * results[n][protocol][metric]:.2f}" if protocol in results[n] else "-"
                                  for n in names]))
     first = max(len(r[0]) for r in rows + [("metric", [])])

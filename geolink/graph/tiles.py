@@ -258,7 +258,12 @@ def read_region(pbf: str | Path | None = None, vector: str | Path | None = None,
                                  progress=progress))
         data_crs = "EPSG:4326"
     else:
-        features, data_crs = read_features(vector)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=1, desc=f"reading {Path(vector).name}", unit="file", disable=not progress) as bar:
+            features, data_crs = read_features(vector)
+            bar.set_postfix(features=len(features))
+            bar.update(1)
         data_crs = data_crs or crs
     if to_crs is not None and str(to_crs) != str(data_crs):
         if features:
@@ -270,6 +275,8 @@ def read_region(pbf: str | Path | None = None, vector: str | Path | None = None,
 
 # the state worker processes inherit (fork) instead of receiving it pickled per task
 _WORKER: dict[str, Any] = {}
+#: new tag strings embedded per step of the "tag embedding" progress bar of :func:`build_tiles`
+EMBED_STEP = 256
 
 
 def _prepare_tile(k: int) -> tuple[int, PreparedTile]:
@@ -344,7 +351,8 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
         shard: which tiles this run builds.
         workers: processes for the geometry work (fork start method; 1 = in process).
         chunk_size: tiles per commit of vocabulary + index.
-        progress: show a progress bar.
+        progress: show one progress bar per stage: geometry (tiles), tag embedding (new vocabulary strings, with
+            ``tag_encoder``) and write (tiles).
 
     Returns:
         A summary: tiles built / skipped, nodes, vocabulary size, output paths.
@@ -373,7 +381,12 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
 
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         pool = multiprocessing.get_context(method).Pool(workers)
-    bar = tqdm(total=len(todo), desc="building tile graphs", unit="tile", disable=not progress)
+    # one bar per stage, each advancing chunk by chunk: tiles through geometry, tags through the text model, tiles
+    # written (the embedding of a chunk's new tags is the slow stage with a text model)
+    stages = [("geometry", "tile", len(todo)), *([("tag embedding", "tag", 0)] if tag_encoder is not None else []),
+              ("write", "tile", len(todo))]
+    bars = {desc: tqdm(total=total, desc=desc, unit=unit, disable=not progress) for desc, unit, total in stages}
+    embedded = 0  # vocabulary strings whose embeddings this run has computed (the vocabulary only grows)
     try:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
@@ -382,9 +395,17 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
             for k, prepared in results:
                 graph = builder.to_graph(prepared, vocabulary=vocabulary, materialize=False)
                 staged.append((tiles[k], graph, prepared.report))
-                bar.update(1)
-            table = tag_encoder.embedding_table(vocabulary) if tag_encoder is not None else None
-            info = tag_encoder.info() if tag_encoder is not None else {}
+                bars["geometry"].update(1)
+            table, info = None, {}
+            if tag_encoder is not None:
+                bars["tag embedding"].total = len(vocabulary)
+                bars["tag embedding"].refresh()
+                for first in range(embedded, len(vocabulary), EMBED_STEP):
+                    new = vocabulary.strings[first:first + EMBED_STEP]
+                    tag_encoder.embedding_table(new)
+                    bars["tag embedding"].update(len(new))
+                embedded = len(vocabulary)
+                table, info = tag_encoder.embedding_table(vocabulary), tag_encoder.info()
             save_vocabulary(out, vocabulary, vocab_name, table, **info)
             lines = []
             for tile, graph, report in staged:
@@ -393,6 +414,7 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
                 lines.append(json.dumps({"name": tile.name, "file": file, "bbox": list(tile.bbox), "crs": tile.crs,
                                          "vocab": vocab_name, "nodes": report.nodes, "report": report.as_dict()}))
                 summary["nodes"] += sum(report.nodes.values())
+                bars["write"].update(1)
             with open(index_path, "a", encoding="utf-8") as handle:
                 handle.write("".join(line + "\n" for line in lines))
                 handle.flush()
@@ -401,7 +423,8 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
             if tag_encoder is not None and hasattr(tag_encoder, "save_cache"):
                 tag_encoder.save_cache()
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
         if pool is not None:
             pool.terminate()
         _WORKER.clear()
@@ -440,8 +463,8 @@ class BuildGraphsConfig:
         "metavar": ("WEST", "SOUTH", "EAST", "NORTH")})
     crs: str = field(default="EPSG:4326", metadata={"help": "tile CRS"})
     text_model: str | None = field(default=None, metadata={
-        "help": "Hugging Face text model folder or Hub id; stores the embedding table (without it only the "
-                "vocabulary is stored)"})
+        "help": "text model: 'minilm' (offline), 'clip' (the official one), a folder or a Hub id; stores the "
+                "embedding table (without it only the vocabulary is stored)"})
     pooling: str = field(default="official", metadata={"help": f"tag pooling: {', '.join(POOLINGS)}"})
     text_cache: Path | None = field(default=None, metadata={"help": "folder for the on-disk tag embedding cache"})
     tag_weights: str = field(default="official", metadata={

@@ -7,6 +7,7 @@ with it on everything that shapes the run (all fields but :data:`RESUMABLE_CHANG
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -35,7 +36,8 @@ class TrainConfig:
     accum_steps: int = option(1, "gradient accumulation micro-steps per optimisation step")
     base_lr: float = option(1.5e-4, "learning rate for a global batch of 256 (lr = base_lr × global_batch / 256)")
     min_lr: float = option(0.0, "learning rate at the end of the cosine schedule")
-    warmup_steps: int = option(100, "linear warmup steps")
+    warmup_steps: int = option(100, "linear warmup steps; keep it below max_steps (a longer warmup is kept as given, "
+                                     "with a warning: the learning rate would only rise)")
     weight_decay: float = option(0.05, "AdamW weight decay (never applied to norms, biases and tokens)")
     clip_grad: float = option(1.0, "clip the global gradient norm to this value (0 disables)")
     precision: Precision = option(Precision.AUTO, "autocast precision; auto: bf16 on GPUs that support it, fp16 on "
@@ -62,6 +64,11 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "base_lr", "min_lr", "weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative; got {getattr(self, name)}")
+        if self.warmup_steps >= self.max_steps:
+            warnings.warn(f"warmup_steps={self.warmup_steps} is not below max_steps={self.max_steps}: the learning "
+                          "rate would rise for the whole run and its cosine decay from the peak (base_lr × "
+                          "global_batch / 256) never start; set warmup_steps to a fraction of max_steps (a tenth: "
+                          f"{self.max_steps // 10})", UserWarning, stacklevel=3)
 
     def global_batch(self, world_size: int) -> int:
         """Samples per optimisation step over all processes."""
