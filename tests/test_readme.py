@@ -1,17 +1,27 @@
-"""The README quickstart runs as written (with the offline MiniLM folder in place of its Hub id)."""
+"""README.md and CI agree: ``.ci/run`` runs the README's set-up and test commands and its documentation build.
+
+The README's Python blocks run in ``tests/test_snippets.py`` (with the Quickstart's results checked there).
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_runs(minilm_path):
-    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    code = code.replace('"sentence-transformers/all-MiniLM-L6-v2"', repr(str(minilm_path)))
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
-    assert [tuple(m.shape) for m in namespace["maps"]] == [(1, 192, 14, 14)] * 3 + [(1, 128, 14, 14)]
-    assert namespace["graph"]["polygon"].num_nodes == 1 and namespace["graph"]["line"].num_nodes == 1
+def bash_commands(text: str) -> list[str]:
+    """The ``&&``-separated commands of the ```bash blocks of a Markdown text and its inline code spans."""
+    spans = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
+    return [command.strip() for span in spans for line in span.splitlines() for command in line.split("&&")]
+
+
+def test_ci_runs_the_readme_commands():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    commands = bash_commands(readme)
+    ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    for command in ('pip install -e ".[dev]"', "python -m pytest -q", 'pip install -e ".[docs]"',
+                    "mkdocs build --strict"):
+        assert command in commands, f"README no longer says {command!r}"
+        assert command in ci_lines, f".ci/run does not run README's {command!r}"
