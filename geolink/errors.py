@@ -33,3 +33,7 @@ class MissingWeightsError(GeoLinkError, FileNotFoundError):
 
 class MissingInputError(GeoLinkError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class MissingDependencyError(GeoLinkError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra to install."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geolink.errors import DataError, GeoLinkError, MissingInputError
+from geolink.errors import DataError, MissingDependencyError, MissingInputError
 from geolink.runtime import option
 
 #: the panels of the figure: (title, y label, log scale, the record keys drawn in it)
@@ -84,14 +84,14 @@ def curves_figure(records: list[dict[str, Any]], title: str):
     """The matplotlib ``Figure`` of :data:`PANELS` drawn from metrics ``records`` (one line per key present).
 
     Raises:
-        GeoLinkError: matplotlib is not installed.
+        MissingDependencyError: matplotlib is not installed.
     """
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import LogFormatter, MaxNLocator
     except ImportError:
-        raise GeoLinkError("plotting metrics needs matplotlib, which is not installed (pip install "
-                           "geolink[plot])") from None
+        raise MissingDependencyError("plotting metrics needs matplotlib, which is not installed (pip install "
+                                     "geolink[plot])") from None
     figure = Figure(figsize=(7, 8.5), layout="constrained")
     axes = figure.subplots(len(PANELS), 1, sharex=True)
     for ax, (panel, label, log, keys) in zip(axes, PANELS, strict=True):
@@ -123,7 +123,7 @@ def plot_metrics(config: PlotMetricsConfig) -> Path:
         The PNG written.
 
     Raises:
-        GeoLinkError: matplotlib is not installed.
+        MissingDependencyError: matplotlib is not installed.
         MissingInputError, DataError: see :func:`read_metrics`.
     """
     records = read_metrics(config.metrics)

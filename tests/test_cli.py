@@ -290,3 +290,12 @@ def test_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
     warning_lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
     assert len(warning_lines) == 1
     assert warning_lines[0].startswith("warning: ") and "UserWarning" not in warning_lines[0]
+
+
+def test_a_missing_optional_package_is_one_error_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    from geolink.cli import main
+
+    monkeypatch.setitem(sys.modules, "osmium", None)  # import fails as when geolink[osm] is not installed
+    assert main(["build-graphs", "--pbf", str(tmp_path / "region.osm.pbf"), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: osmium is needed for this; install it with `pip install geolink[osm]`"]

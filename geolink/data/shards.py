@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
-from geolink.errors import ConfigError, DataError, InputError, MissingInputError
+from geolink.errors import ConfigError, DataError, InputError, MissingDependencyError, MissingInputError
 from geolink.graph.build import OSMGraphBuilder
 from geolink.graph.readers import read_geojson, reproject_bbox, require_file
 from geolink.graph.schema import NODE_TYPES
@@ -90,8 +90,8 @@ def _fsspec_fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any
     try:
         import fsspec
     except ImportError as err:
-        raise ImportError(f"reading {url} needs fsspec (and the filesystem's package, e.g. s3fs or gcsfs): "
-                          "`pip install fsspec`; local paths work without it") from err
+        raise MissingDependencyError(f"reading {url} needs fsspec (and the filesystem's package, e.g. s3fs or gcsfs): "
+                                     "`pip install fsspec`; local paths work without it") from err
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geolink.errors import ConfigError, DataError, InputError, MissingInputError
+from geolink.errors import ConfigError, DataError, InputError, MissingDependencyError, MissingInputError
 from geolink.graph.tags import TagFilter, Tags, load_key_frequency, normalize_key, parse_label, tag_key
 
 Feature = tuple[shapely.Geometry, Any]
@@ -40,7 +40,8 @@ def _need(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{module} is needed for this; install it with `pip install geolink[{extra}]`") from err
+        raise MissingDependencyError(f"{module} is needed for this; install it with `pip install geolink[{extra}]`"
+                                     ) from err
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from geolink.data.folders import OfficialPairFolder
 from geolink.data.pairs import PairShards, collate_pairs
-from geolink.errors import ConfigError, MissingInputError
+from geolink.errors import ConfigError, MissingDependencyError, MissingInputError
 from geolink.registry import create_model, nest_overrides
 from geolink.runtime import (
     SAMPLE_SEED_STRIDE,
@@ -160,7 +160,8 @@ def tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
+        raise MissingDependencyError("tensorboard=True needs the tensorboard package: pip install tensorboard"
+                                     ) from error
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
