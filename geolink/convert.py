@@ -13,7 +13,6 @@ linked from the README of :data:`OFFICIAL_REPOSITORY`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from geolink.errors import ConfigError, DataError, InputError, MissingInputError
-from geolink.hub import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_checked
+from geolink.hub import CONFIG_NAME, WEIGHTS_NAME, check_finite_tensors, file_sha256, load_state_dict_checked
 from geolink.models import COMPONENTS, Component, extract_component
 from geolink.models.image import GeoLinkImageEncoder
 from geolink.models.pretrain import GeoLinkForPretraining
@@ -86,6 +85,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
     Raises:
         OfficialCheckpointError: the file holds pickled objects other than tensors (refused, never executed), is not
             a checkpoint, or is truncated.
+        DataError: a tensor holds NaN or infinite values (a corrupt file), naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -97,9 +97,10 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
             f"{path} contains pickled Python objects that are not plain tensors; geolink refuses to unpickle them "
             f"(that could run arbitrary code). Official GeoLink checkpoints hold only tensors — re-download the file "
             f"from the official release. Detail: {str(error).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise OfficialCheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                      f"{error}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:  # torch's own errors
+        raise OfficialCheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or not a .pth "
+                                      f"file: {type(error).__name__}: {error}); pass the official GeoLink .pth file, "
+                                      "re-downloaded if it is damaged") from None
     if isinstance(content, dict) and "model_state_dict" in content:
         config, state_dict = dict(content.get("model_config") or {}), content["model_state_dict"]
     elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
@@ -109,6 +110,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
                                       "({'model_config', 'model_state_dict'}) nor a plain state dict")
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise OfficialCheckpointError(f"{path}: model_state_dict holds non-tensor values")
+    check_finite_tensors(state_dict, source=str(path))
     return config, state_dict
 
 
@@ -278,14 +280,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "geolink"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def converted_folder(checkpoint: str | Path) -> Path:
     """The geolink ``save_pretrained`` folder of an official ``.pth``: converted on first use, then read from the
     cache, ``<cache_dir()>/converted/<sha256 of the file>``.
@@ -307,7 +301,7 @@ def converted_folder(checkpoint: str | Path) -> Path:
         raise MissingInputError(f"no checkpoint at {path} (pass the official GeoLink .pth file; download links in "
                                 f"the README of {OFFICIAL_REPOSITORY})")
     root = cache_dir() / "converted"
-    folder = root / _sha256(path)
+    folder = root / file_sha256(path)
     if not folder.exists():
         model = load_official_checkpoint(path)
         root.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ The image encoder overrides the file layout so its folder is also a plain timm f
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,10 +19,12 @@ import safetensors.torch
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 
-from geolink.errors import ConfigError, MissingWeightsError
+from geolink.errors import ConfigError, DataError, MissingWeightsError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: the sidecar of a ``save_pretrained`` folder recording the sha256 of its weight file (verified on load)
+CHECKSUM_NAME = "checksums.json"
 
 PAPER_URL = "https://arxiv.org/abs/2509.26016"
 PROJECT_URL = "https://pypi.org/project/geolink/"
@@ -109,6 +112,28 @@ class GeoLinkHubMixin(
         state_dict = {k: v.detach().contiguous() for k, v in self.weights_module().state_dict().items()}
         safetensors.torch.save_file(state_dict, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.hub_config(), indent=2, sort_keys=True))
+        checksums = {WEIGHTS_NAME: {"sha256": file_sha256(save_directory / WEIGHTS_NAME)}}
+        (save_directory / CHECKSUM_NAME).write_text(json.dumps(checksums, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """Load a ``save_pretrained`` folder or Hub repo (the mixin's ``from_pretrained``, a local folder checked
+        first: its ``config.json`` must be a JSON object and its weights present, else an error naming the path).
+
+        Keyword Args:
+            check_finite: refuse weights holding NaN or infinity, naming the first such tensor (default True;
+                ``False`` skips this pass over the weights).
+            verify_checksum: compare ``model.safetensors`` with the sha256 recorded in ``checksums.json`` when the
+                folder has one (default True; ``False`` skips hashing the file).
+
+        Raises:
+            MissingWeightsError: a folder without ``config.json`` or ``model.safetensors``.
+            ConfigError: a ``config.json`` that is not a JSON object.
+            DataError: a weight file that is empty, truncated, corrupt, non-finite or differs from its checksum.
+        """
+        if os.path.isdir(pretrained_model_name_or_path):
+            read_config(Path(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _from_pretrained(
@@ -122,6 +147,8 @@ class GeoLinkHubMixin(
         token: str | bool | None,
         map_location: str = "cpu",
         strict: bool = True,
+        check_finite: bool = True,
+        verify_checksum: bool = True,
         **model_kwargs: Any,
     ):
         if os.path.isdir(model_id):
@@ -129,12 +156,16 @@ class GeoLinkHubMixin(
             if not os.path.isfile(weights_file):
                 raise MissingWeightsError(f"{model_id} has no {WEIGHTS_NAME}: not a geolink model folder "
                                         "(save one with `model.save_pretrained(dir)`)")
+            if verify_checksum:
+                verify_weights_checksum(Path(model_id))
         else:
             weights_file = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
                                            cache_dir=cache_dir, force_download=force_download, token=token,
                                            local_files_only=local_files_only)
         model = cls(**model_kwargs)
-        state_dict = safetensors.torch.load_file(weights_file, device=str(map_location))
+        state_dict = read_weights(weights_file, device=str(map_location))
+        if check_finite:
+            check_finite_tensors(state_dict, source=weights_file)
         load_state_dict_checked(model.weights_module(), state_dict, source=weights_file, strict=strict)
         model.eval()
         return model
@@ -152,6 +183,86 @@ class GeoLinkHubMixin(
         }
         fields.update(kwargs)
         return super().generate_model_card(*args, **fields)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a saved model folder, which must exist and hold a JSON object.
+
+    Raises:
+        MissingWeightsError: the folder has no ``config.json``.
+        ConfigError: the file is not valid JSON, or not a JSON object.
+    """
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise MissingWeightsError(f"{folder} has no {CONFIG_NAME}: not a geolink model folder (save one with "
+                                  "`model.save_pretrained(dir)`, or pass the folder that holds config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}): restore it from the saved model, or save the model "
+                          "again with `model.save_pretrained(dir)`") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object (the model's constructor kwargs), not a "
+                          f"{type(config).__name__}: restore it, or save the model again with "
+                          "`model.save_pretrained(dir)`")
+    return config
+
+
+def verify_weights_checksum(folder: Path) -> None:
+    """Compare ``folder/model.safetensors`` with the sha256 in ``folder/checksums.json``; a folder without that file
+    (saved by an older geolink, or by timm) is accepted unchecked.
+
+    Raises:
+        DataError: the weights differ from the recorded checksum, or ``checksums.json`` is unreadable.
+    """
+    path = folder / CHECKSUM_NAME
+    if not path.is_file():
+        return
+    try:
+        expected = json.loads(path.read_text())[WEIGHTS_NAME]["sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not a checksum file of {WEIGHTS_NAME} ({type(error).__name__}: {error}): "
+                        f"delete it to load unchecked, or save the model again") from None
+    actual = file_sha256(folder / WEIGHTS_NAME)
+    if actual != expected:
+        raise DataError(f"{folder / WEIGHTS_NAME} does not match its checksum in {CHECKSUM_NAME} (sha256 {actual}, "
+                        f"recorded {expected}): the weights are corrupt or were changed after saving; restore or "
+                        "re-download the folder (verify_checksum=False loads it anyway)")
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file.
+
+    Raises:
+        DataError: the file is empty, truncated or not a safetensors file (naming it).
+    """
+    try:
+        return safetensors.torch.load_file(str(path), device=device)
+    except safetensors.SafetensorError as error:
+        raise DataError(f"{path} is not a readable safetensors file (empty, truncated or corrupt: {error}); restore "
+                        "or re-download it, or save the model again with `model.save_pretrained(dir)`") from None
+
+
+def check_finite_tensors(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse floating-point tensors holding NaN or infinity, naming the first one.
+
+    Raises:
+        DataError: naming the file and the tensor.
+    """
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DataError(f"{source}: tensor {key!r} holds {bad} NaN or infinite values (corrupt weights, or a "
+                            "diverged training run); restore the file, or pass check_finite=False to load it anyway")
 
 
 def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,

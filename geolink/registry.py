@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from geolink.convert import OFFICIAL_REPOSITORY, converted_folder
 from geolink.data.transforms import Preprocess, model_data_config
 from geolink.errors import ConfigError, InputError, MissingInputError, MissingWeightsError
 from geolink.graph.text import TagEncoder
-from geolink.hub import CONFIG_NAME
+from geolink.hub import CONFIG_NAME, read_config
 from geolink.models import COMPONENTS, Component, extract_component
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
 
@@ -259,8 +260,13 @@ def _sections_holding(key: str) -> list[str]:
     return [section for section in SECTIONS if key in section_defaults(section)]
 
 
+#: numeric parameters that are fractions, in [0, 1]; every other number must be finite and >= 0
+_FRACTIONS = frozenset({"drop_path_rate", "dropout", "mask_ratio", "node_mask_ratio"})
+
+
 def _check_value(section: str, key: str, value: Any, default: Any, source: str) -> None:
-    """Refuse a value whose type cannot be the parameter's (judged by the type of its default)."""
+    """Refuse a value whose type cannot be the parameter's (judged by the type of its default), or a number out of
+    range (negative, not finite, or a fraction above 1)."""
     if default is None or default is inspect.Parameter.empty:
         return
     if isinstance(default, bool):
@@ -272,6 +278,12 @@ def _check_value(section: str, key: str, value: Any, default: Any, source: str) 
     if not valid:
         raise ConfigError(f"{source}: {section}.{key} must be of type {type(default).__name__} (like its default "
                           f"{default!r}); got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    upper = 1 if key in _FRACTIONS else math.inf
+    if not (math.isfinite(value) and 0 <= value <= upper):
+        bounds = "in [0, 1]" if key in _FRACTIONS else "finite and >= 0"
+        raise ConfigError(f"{source}: {section}.{key} must be {bounds}; got {value!r}")
 
 
 def validate_sections(sections: Mapping[str, Any], source: str) -> None:
@@ -423,7 +435,7 @@ def create_model(name: str | os.PathLike, pretrained: bool | str | os.PathLike =
 
 
 def load_model(location: str | os.PathLike, component: str | None = None, revision: str | None = None,
-               **overrides: dict[str, Any]) -> nn.Module:
+               check_finite: bool = True, verify_checksum: bool = True, **overrides: dict[str, Any]) -> nn.Module:
     """Load any geolink ``save_pretrained`` folder or Hub repo, a pretrained tag or an official checkpoint, whatever
     class it holds.
 
@@ -434,13 +446,19 @@ def load_model(location: str | os.PathLike, component: str | None = None, revisi
         component: return this component (``"fusion"``, ``"image"``, ``"osm"``, ``"pretraining"``), extracted from a
             larger saved model when needed; ``None`` returns what the folder holds.
         revision: Hub revision (a tag's own revision by default).
+        check_finite: refuse weights holding NaN or infinity, naming the first such tensor (``False`` skips the
+            check, for speed).
+        verify_checksum: compare the weights with the sha256 a ``save_pretrained`` folder records in
+            ``checksums.json`` (a folder without one loads unchecked; ``False`` skips hashing, for speed).
         **overrides: section dicts merged into the saved config (the sections of the class the folder holds), e.g.
             ``image={"drop_path_rate": 0.1}``.
 
     Raises:
         InputError: the folder holds no geolink model, or a model without the requested component; an official
             checkpoint geolink cannot convert.
-        ConfigError: an unknown override section or key, or a ``config.json`` that is not a geolink config.
+        ConfigError: an unknown override section or key, or a ``config.json`` that is not a geolink config (not a
+            JSON object, or a value of the wrong type).
+        DataError: weights that are empty, truncated, corrupt, non-finite or differ from their checksum.
         MissingWeightsError: the folder lacks ``config.json`` / weights, the repo is not cached and the Hub cannot
             be reached, or the tag is convert-only (the message says where to get the official file).
     """
@@ -453,7 +471,8 @@ def load_model(location: str | os.PathLike, component: str | None = None, revisi
         raise InputError(f"{location} does not hold a geolink model (config.json has no known model_class)")
     own = _CLASSES[held]
     sections = merge_sections(saved_sections(own, config, f"{location}/{CONFIG_NAME}"), overrides)
-    model = COMPONENTS[own].from_pretrained(str(location), revision=revision, **component_arguments(own, sections))
+    model = COMPONENTS[own].from_pretrained(str(location), revision=revision, check_finite=check_finite,
+                                            verify_checksum=verify_checksum, **component_arguments(own, sections))
     if component is None or component == own:
         return model
     extracted = extract_component(model, component)
@@ -503,11 +522,7 @@ def _weights_location(location: str | os.PathLike, revision: str | None) -> tupl
 
 def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str, Any]:
     if Path(location).is_dir():
-        path = Path(location) / CONFIG_NAME
-        if not path.is_file():
-            raise MissingWeightsError(f"{location} has no {CONFIG_NAME}: not a geolink model folder "
-                                      "(save one with `model.save_pretrained(dir)`)")
-        return json.loads(path.read_text())
+        return read_config(Path(location))
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -517,9 +532,11 @@ def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str,
     )
 
     try:
-        return json.loads(Path(hf_hub_download(str(location), CONFIG_NAME, revision=revision)).read_text())
+        return read_config(Path(hf_hub_download(str(location), CONFIG_NAME, revision=revision)).parent)
     except HFValidationError:
-        raise MissingInputError(f"{location} is neither a model folder nor a Hub repo id ('org/name')") from None
+        raise MissingInputError(f"{location} is neither a model folder nor a Hub repo id ('org/name'): pass an "
+                               "existing save_pretrained folder, a Hub repo id or a pretrained tag (list_pretrained())"
+                               ) from None
     except LocalEntryNotFoundError as error:
         raise MissingWeightsError(
             f"{location} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "

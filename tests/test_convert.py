@@ -64,6 +64,28 @@ def test_a_missing_tensor_is_named(official_state, tmp_path):
         load_official_checkpoint(path)
 
 
+def test_non_finite_official_weights_are_named(official_state, tmp_path):
+    config, state = official_state
+    state = dict(state)
+    name = next(key for key, tensor in state.items() if tensor.is_floating_point())
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")  # what a flipped exponent bit does to a float
+    path = tmp_path / "nan.pth"
+    torch.save({"model_config": config, "model_state_dict": state}, path)
+    with pytest.raises(DataError, match=f"{path}: tensor {name!r} holds 1 NaN or infinite values"):
+        load_official_checkpoint(path)
+
+
+def test_a_text_file_given_to_convert_is_one_error_line(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not weights\n")
+    assert main(["convert", str(text), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith(f"error: {text} is not a readable PyTorch checkpoint (truncated, corrupt or not a .pth file")
+    assert "official GeoLink .pth" in err and not (tmp_path / "out").exists()
+
+
 def test_an_unknown_tensor_is_named(official_state, tmp_path):
     config, state = official_state
     state["some_new_head.weight"] = torch.zeros(3)

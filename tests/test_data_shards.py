@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import signal
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import geolink
+from geolink.data.pairs import PairShards, StreamingPairShards
 from geolink.data.shards import FORMAT, CorruptShardError, PairShardReader, PairShardWriter, shard_sizes
 from geolink.errors import ConfigError, DataError, InputError
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES
-from geolink.graph.storage import graph_from_tensors, graph_tensors, load_graph, materialize_x, save_graph
+from geolink.graph.storage import (
+    MAX_INDEX_BYTES,
+    graph_from_tensors,
+    graph_tensors,
+    load_graph,
+    materialize_x,
+    save_graph,
+)
 from tests.data_helpers import HashEncoder, build_graph, image_bytes, write_dataset
 
 
@@ -220,3 +236,183 @@ def test_missing_shard_and_url_writer_errors(tmp_path):
         PairShardReader(root).shard(1)
     with pytest.raises(InputError, match="local"):
         PairShardWriter("s3://bucket/pairs")
+
+
+# ---------------------------------------------------------------------------------------------- hardening (issue 9)
+
+BUNDLED = Path(geolink.__file__).parent / "assets" / "pairs"
+SHARD = "shard-00000.safetensors"
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail (instead of hanging) when the block runs longer than ``seconds`` (a blocked ``open`` of a FIFO too)."""
+    def stop(*_):
+        raise TimeoutError(f"still running after {seconds} s: the reader hangs")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def bundled(tmp_path):
+    """A writable copy of the bundled pair dataset (geolink/assets/pairs)."""
+    root = tmp_path / "pairs"
+    shutil.copytree(BUNDLED, root)
+    return root
+
+
+def edit_index(root, edit):
+    index = json.loads((root / "index.json").read_text())
+    edit(index)
+    (root / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("field", ["file", "vocabulary"])
+@pytest.mark.parametrize("escape", ["../../../etc/passwd", "absolute"])
+def test_index_paths_outside_the_dataset_are_refused(bundled, tmp_path, field, escape):
+    other = tmp_path / "other"
+    shutil.copytree(BUNDLED, other)  # another dataset: its files must not be used either
+    target = str(other / (SHARD if field == "file" else "vocab")) if escape == "absolute" else escape
+    if field == "file":
+        edit_index(bundled, lambda index: index["shards"][0].update(file=target))
+    else:
+        edit_index(bundled, lambda index: index.update(vocabulary=target))
+    where = "shards\\[0\\].file" if field == "file" else "vocabulary"
+    with pytest.raises(CorruptShardError, match=f"index.json {where} is .*outside the dataset folder"):
+        PairShardReader(bundled)
+
+
+def test_symlinked_shard_leading_outside_is_refused(bundled, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(BUNDLED, other)
+    (bundled / SHARD).unlink()
+    (bundled / SHARD).symlink_to(other / SHARD)
+    with pytest.raises(CorruptShardError, match=f"shards\\[0\\].file is '{SHARD}', a link to .*outside"):
+        PairShardReader(bundled)
+
+
+def test_url_index_paths_outside_the_root_are_refused(bundled):
+    fsspec = pytest.importorskip("fsspec")
+    edit_index(bundled, lambda index: index["shards"][0].update(file="../secret/" + SHARD))
+    fs = fsspec.filesystem("memory")
+    for path in bundled.iterdir():
+        fs.pipe(f"/escape/{path.name}", path.read_bytes())
+    with pytest.raises(CorruptShardError, match="shards\\[0\\].file is '../secret/"):
+        PairShardReader("memory://escape")
+
+
+@pytest.mark.parametrize("name", ["index.json", "vocab.safetensors", "vocab.json", SHARD])
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_devices_and_fifos_are_refused_before_reading(bundled, name, kind):
+    (bundled / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(bundled / name)
+    else:
+        (bundled / name).symlink_to("/dev/zero")
+    with within(20), pytest.raises(DataError, match=f"{name}.*(is not a regular file|a link to /dev/zero outside)"):
+        reader = PairShardReader(bundled)
+        reader.vocabulary() if name == "vocab.json" else reader.table() if name.startswith("vocab") else reader.shard(0)
+
+
+def test_oversized_index_is_refused_before_reading(bundled):
+    with open(bundled / "index.json", "r+b") as handle:
+        handle.truncate(MAX_INDEX_BYTES + 1)  # sparse: nothing is written
+    with within(20), pytest.raises(DataError, match="index.json has 268435457 bytes, more than"):
+        PairShardReader(bundled)
+
+
+def _column(path, key):
+    """``(byte position of tensor key in the file, its array, its per-sample offsets)`` of a shard."""
+    from safetensors.numpy import load_file
+
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    arrays = load_file(str(path))
+    return 8 + header_len + header[key]["data_offsets"][0], arrays[key], arrays.get(key + ".offsets")
+
+
+def poke(path, key, sample, value):
+    """Overwrite element 0 of ``sample``'s slice of shard column ``key`` in place (the file size is unchanged)."""
+    start, array, offsets = _column(path, key)
+    element = 0 if offsets is None else int(offsets[sample])
+    with open(path, "r+b") as handle:
+        handle.seek(start + element * array.itemsize)
+        handle.write(np.array([value], dtype=array.dtype).tobytes())
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("polygon.tag_ids", 10**6, "polygon.tag_ids' holds ids from .* outside the vocabulary of 41"),
+    ("polygon.tag_ids", -3, "polygon.tag_ids' holds ids from -3"),
+    ("polygon__to__polygon.edge_index", 500, "polygon__to__polygon.edge_index' refers to nodes outside"),
+    ("polygon__to__polygon.relation", 200, "polygon__to__polygon.relation' holds code 200"),
+    ("polygon.tag_count", 7, "polygon.tag_count' does not match"),
+    ("polygon.tag_count", -1, "polygon.tag_count' does not match"),
+    ("polygon.pos", float("nan"), "polygon.pos' holds NaN"),
+    ("polygon.tag_weight", float("nan"), "polygon.tag_weight' holds NaN"),
+    ("bbox", float("inf"), "bbox' holds NaN or infinite"),
+])
+def test_corrupt_graph_columns_name_the_file_and_sample(bundled, key, value, problem):
+    poke(bundled / SHARD, f"graph.{key}", 0, value)
+    reader = PairShardReader(bundled)
+    sample = f"{SHARD} sample 0 \\('{reader.names[0]}'\\): stored graph column '{problem}"
+    with pytest.raises(CorruptShardError, match=sample):
+        reader.shard(0).graph(0, reader.table())
+    with pytest.raises(CorruptShardError, match=sample):  # the training path: PairShards and the stream
+        PairShards(bundled, transform=None)[0]
+    with pytest.raises(CorruptShardError, match=sample):
+        next(iter(StreamingPairShards(bundled, shuffle=False, transform=None)))
+    reader.shard(0).graph(1, reader.table())  # the other samples still decode
+
+
+def test_inconsistent_offsets_are_refused_when_the_shard_opens(bundled):
+    poke(bundled / SHARD, "graph.polygon.tag_ids.offsets", 0, 3)  # offsets must start at 0 ...
+    with pytest.raises(CorruptShardError, match=f"{SHARD}: graph.polygon.tag_ids.offsets do not match"):
+        PairShardReader(bundled).shard(0)
+    shutil.copy(BUNDLED / SHARD, bundled / SHARD)
+    poke(bundled / SHARD, "graph.polygon.tag_ids.offsets", 2, 10**9)  # ... and never decrease or overrun
+    with pytest.raises(CorruptShardError, match="graph.polygon.tag_ids.offsets do not match"):
+        PairShardReader(bundled).shard(0)
+
+
+def test_nan_vocabulary_rows_are_refused(bundled):
+    poke(bundled / "vocab.safetensors", "embeddings", 0, float("nan"))  # no offsets: row 0, element 0
+    with pytest.raises(CorruptShardError, match="vocab.safetensors has NaN or infinite values in row 0"):
+        PairShardReader(bundled).table()
+
+
+def test_byte_flips_decode_or_raise_corrupt_shard_error(tmp_path_factory):
+    """Fuzz: random byte flips anywhere in a copy of the bundled shard either decode or raise CorruptShardError
+    naming the file; never another exception, never a hang (bounded examples, a deadline per example)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    original = (BUNDLED / SHARD).read_bytes()
+    root = tmp_path_factory.mktemp("fuzz") / "pairs"
+    shutil.copytree(BUNDLED, root)
+    table = PairShardReader(root).table()
+
+    @hypothesis.settings(max_examples=150, deadline=2000, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(st.one_of(st.integers(0, 1023), st.integers(0, len(original) - 1)),
+                                         st.integers(1, 255)), min_size=1, max_size=8))
+    def check(flips):
+        data = bytearray(original)
+        for position, mask in flips:
+            data[position] ^= mask
+        (root / SHARD).write_bytes(bytes(data))
+        with within(10):
+            try:
+                shard = PairShardReader(root).shard(0)
+                for j in range(shard.num_samples):
+                    bytes(shard.image_bytes(j))
+                    shard.graph(j, table)
+            except CorruptShardError as err:
+                assert SHARD in str(err)
+
+    check()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from shapely.geometry import LineString, MultiLineString, MultiPolygon, Point, Polygon, box
 
+from geolink.errors import InputError
 from geolink.graph.build import OSMGraphBuilder
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, validate_graph
 from geolink.graph.storage import materialize_x
 from geolink.graph.tags import TagVocabulary
+from tests.data_helpers import HashEncoder
 
 BBOX = (0.0, 0.0, 1.0, 1.0)
 POLY = (box(0.1, 0.1, 0.4, 0.4), "building:building")
@@ -188,3 +191,73 @@ def test_clear_errors(builder):
     assert projected.crs == "EPSG:32635" and projected["polygon"].num_nodes == 1
     # anchors in the projected tile: the centroid (15, 15) of a 100 m tile is at u = 0.15, v = 1 - 0.15
     torch.testing.assert_close(projected["polygon"].pos[0, 3], torch.tensor([0.15, 0.85]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 9, item 7: a CRS mix-up is named, not a silently empty graph; non-finite coordinates are dropped and counted
+ATHENS = [(box(23.70, 37.90, 23.71, 37.91), "building:building"), (Point(23.705, 37.905), "amenity:bench")]
+ATHENS_BBOX = (23.69, 37.89, 23.72, 37.92)
+ATHENS_3857 = (2637000.0, 4563000.0, 2641000.0, 4567000.0)  # the same area in web-mercator metres
+
+
+@pytest.fixture(scope="module")
+def hash_builder():
+    return OSMGraphBuilder(tag_encoder=HashEncoder(), tag_weights="official")
+
+
+def test_lonlat_features_with_a_web_mercator_bbox_warn_or_raise(hash_builder):
+    with pytest.warns(UserWarning, match=r"no feature intersects the bbox.*taken to be in crs EPSG:3857.*"
+                                         r"\[23\.7, 37\.9, 23\.71, 37\.91\].*\[2637000\.0, 4563000\.0.*"
+                                         r"feature_crs='EPSG:4326'"):
+        graph, report = hash_builder.build(ATHENS, bbox=ATHENS_3857, crs="EPSG:3857", return_report=True)
+    validate_graph(graph, feature_dim=HashEncoder.dim)
+    assert report.outside_bbox == 2 and sum(report.nodes.values()) == 0
+    strict = OSMGraphBuilder(tag_encoder=HashEncoder(), tag_weights="official", strict=True)
+    with pytest.raises(InputError, match="no feature intersects the bbox.*crs EPSG:3857"):
+        strict.build(ATHENS, bbox=ATHENS_3857, crs="EPSG:3857")
+    with warnings.catch_warnings():  # the fix the message names works, without a warning
+        warnings.simplefilter("error")
+        fixed = strict.build(ATHENS, bbox=ATHENS_3857, crs="EPSG:3857", feature_crs="EPSG:4326")
+    assert fixed["polygon"].num_nodes == 1 and fixed["point"].num_nodes == 1
+
+
+def test_swapped_lat_lon_is_named(hash_builder):
+    swapped = (ATHENS_BBOX[1], ATHENS_BBOX[0], ATHENS_BBOX[3], ATHENS_BBOX[2])
+    with pytest.warns(UserWarning, match=r"crs EPSG:4326.*\[37\.89, 23\.69, 37\.92, 23\.72\].*look like \(lat, lon\)"):
+        graph = hash_builder.build(ATHENS, bbox=swapped)
+    assert sum(graph[t].num_nodes for t in NODE_TYPES) == 0
+    with pytest.warns(UserWarning, match="crs EPSG:32635.*crs EPSG:4326"):  # a wrong feature_crs: both CRSs named
+        hash_builder.build(ATHENS, bbox=ATHENS_BBOX, feature_crs="EPSG:32635")
+
+
+@pytest.mark.parametrize("bad", [
+    Point(float("nan"), 37.9),
+    Point(23.7, float("inf")),
+    Polygon([(23.70, 37.90), (float("nan"), 37.90), (23.71, 37.91)]),  # a raw GEOSException before
+    LineString([(23.70, 37.90), (23.71, float("-inf"))]),
+    MultiPolygon([box(23.70, 37.90, 23.701, 37.901), Polygon([(0, 0), (float("nan"), 1), (1, 1)])]),
+])
+def test_non_finite_coordinates_are_dropped_and_counted(hash_builder, bad):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading "not in degrees" error, no warning: the rest is in the bbox
+        graph, report = hash_builder.build([(bad, "amenity:bench"), *ATHENS], bbox=ATHENS_BBOX, return_report=True)
+    validate_graph(graph, feature_dim=HashEncoder.dim)
+    assert report.dropped_nonfinite == 1 and report.outside_bbox == 0
+    assert graph["polygon"].num_nodes == 1 and graph["point"].num_nodes == 1
+
+
+def test_only_non_finite_features_give_an_empty_graph_without_a_crs_warning(hash_builder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph, report = hash_builder.build([(Point(float("nan"), 1.0), "amenity:bench")], bbox=ATHENS_BBOX,
+                                           return_report=True)
+    assert report.dropped_nonfinite == 1 and sum(report.nodes.values()) == 0
+
+
+def test_non_string_tag_keys_are_taken_as_text(hash_builder):
+    keep_all = OSMGraphBuilder(tag_encoder=HashEncoder(), tag_weights="official", tag_filter=None)
+    graph, report = keep_all.build([(Point(23.705, 37.905), {1: "x", "amenity": "bench"})], bbox=ATHENS_BBOX,
+                                   return_report=True)
+    assert graph["point"].num_nodes == 1 and report.unknown_keys == 1  # the key "1" is kept, unknown to the table
+    default = hash_builder.build([(Point(23.705, 37.905), {1: "x", "amenity": "bench"})], bbox=ATHENS_BBOX)
+    assert default["point"].num_nodes == 1

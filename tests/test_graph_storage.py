@@ -112,3 +112,36 @@ def test_builder_stored_graphs_and_shards_share_the_kernel():
         weights = built[t].tag_weight.double()
         rows = table.double()[built[t].tags.clamp(min=0)] * (weights * (built[t].tags >= 0)).unsqueeze(-1)
         torch.testing.assert_close(built[t].x.double(), rows.sum(1), rtol=1e-6, atol=1e-7)
+
+
+def _compact_graph():
+    vocabulary = TagVocabulary()
+    return OSMGraphBuilder(None).build(FEATURES, bbox=(0, 0, 1, 1), vocabulary=vocabulary, materialize=False)
+
+
+@pytest.mark.parametrize(("key", "edit", "problem"), [
+    ("polygon.pos", lambda v: v.fill_(float("nan")), "'polygon.pos' holds NaN"),
+    ("point.tag_weight", lambda v: v.fill_(float("nan")), "'point.tag_weight' holds NaN"),
+    ("point.tag_ids", lambda v: v.fill_(-1), "'point.tag_ids' holds ids from -1"),
+    ("point.tag_count", lambda v: v.fill_(9), "'point.tag_count' does not match"),
+    ("point__to__point.edge_index", lambda v: v.fill_(99), "'point__to__point.edge_index' refers to nodes outside"),
+    ("line__to__polygon.relation", lambda v: v.fill_(50), "'line__to__polygon.relation' holds code 50"),
+])
+def test_corrupt_stored_graph_columns_are_named(tmp_path, key, edit, problem):
+    tensors = graph_tensors(_compact_graph())
+    assert tensors[key].numel(), key  # the edit must hit real values
+    edit(tensors[key])
+    save_file(tensors, str(tmp_path / "g.safetensors"), metadata={"format": "geolink-graph/1", "crs": "EPSG:4326"})
+    with pytest.raises(DataError, match=f"graph file .*g.safetensors: stored graph column {problem}"):
+        load_graph(tmp_path / "g.safetensors")
+
+
+def test_stored_graph_that_is_a_fifo_or_garbage_is_refused(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(DataError, match="fifo.safetensors is not a regular file"):
+        load_graph(tmp_path / "fifo.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05" * 40)
+    with pytest.raises(DataError, match="junk.safetensors is not a readable safetensors file"):
+        load_graph(tmp_path / "junk.safetensors")

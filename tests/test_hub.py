@@ -13,7 +13,7 @@ import torch
 from torch_geometric.data import Batch
 
 import geolink
-from geolink.errors import ConfigError, MissingWeightsError
+from geolink.errors import ConfigError, DataError, MissingInputError, MissingWeightsError
 from geolink.models import GeoLinkFusionEncoder, GeoLinkImageEncoder, GeoLinkOSMEncoder
 
 
@@ -37,7 +37,7 @@ def test_save_load_round_trip_is_exact(component, tmp_path, synthetic_graphs):
     images = torch.randn(2, 3, 64, 64)
     graph = Batch.from_data_list(synthetic_graphs[:2])
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "checksums.json", "config.json", "model.safetensors"]
     reloaded = type(model).from_pretrained(tmp_path)
     assert reloaded.state_dict().keys() == model.state_dict().keys()
     for a, b in zip(run_model(model, images, graph), run_model(reloaded, images, graph)):
@@ -54,7 +54,7 @@ def test_loading_is_strict_and_names_the_keys(tmp_path):
     tensors["surprise.weight"] = torch.zeros(1)
     safetensors.torch.save_file(tensors, str(weights))
     with pytest.raises(ConfigError, match=r"missing keys \(1\): type_attention.bias.*unexpected keys \(1\): surprise"):
-        GeoLinkOSMEncoder.from_pretrained(tmp_path)
+        GeoLinkOSMEncoder.from_pretrained(tmp_path, verify_checksum=False)  # edited on purpose: past the checksum
 
 
 def test_mismatched_config_is_refused(tmp_path):
@@ -70,12 +70,16 @@ def test_corrupt_weights_file_is_refused(tmp_path):
     geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(Exception, match="(?i)safetensor|header|incomplete|invalid"):
+    with pytest.raises(DataError, match=f"{weights}.*does not match its checksum.*verify_checksum=False"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
+    for content in (weights.read_bytes(), b""):  # truncated, then empty; without the checksum the reader names it
+        weights.write_bytes(content)
+        with pytest.raises(DataError, match=f"{weights} is not a readable safetensors file"):
+            geolink.load_model(tmp_path, verify_checksum=False)
 
 
 def test_a_folder_without_weights_gets_a_clear_error(tmp_path):
-    with pytest.raises(MissingWeightsError, match="has no model.safetensors"):
+    with pytest.raises(MissingWeightsError, match="has no (model.safetensors|config.json): not a geolink model folder"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
 
 
@@ -120,7 +124,7 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
     encoder = geolink.create_model("geolink_tiny", component="image")
     url = encoder.push_to_hub("someone/geolink-tiny-image")
     assert url.endswith("/commit/0")
-    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["files"] == ["README.md", "checksums.json", "config.json", "model.safetensors"]
     assert uploaded["config"]["architecture"] == "vit_tiny_patch16_224"
 
 
@@ -133,3 +137,68 @@ def test_saved_config_holds_complete_nested_sections(tmp_path):
                       **architecture["fusion"], "model_class": "GeoLinkFusionEncoder"}
     reloaded = GeoLinkFusionEncoder.from_pretrained(tmp_path)
     assert reloaded.init_kwargs() == fusion.init_kwargs()
+
+
+def _first_float_tensor_offset(weights: Path) -> tuple[str, int]:
+    """The name and file offset of the first float32 tensor's data in a safetensors file (after its JSON header)."""
+    raw = weights.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_size])
+    name, entry = next((k, v) for k, v in sorted(header.items()) if k != "__metadata__" and v["dtype"] == "F32")
+    return name, 8 + header_size + entry["data_offsets"][0]
+
+
+def test_bit_flips_in_saved_weights_are_refused(tmp_path):
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    name, offset = _first_float_tensor_offset(weights)
+    raw = bytearray(weights.read_bytes())
+    raw[offset:offset + 4] = bytes.fromhex("0000c07f")  # a float32 NaN in place of the first value, header intact
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=f"{weights} does not match its checksum in checksums.json"):
+        geolink.load_model(tmp_path)
+    with pytest.raises(DataError, match=f"tensor {name!r} holds 1 NaN or infinite values.*check_finite=False"):
+        geolink.load_model(tmp_path, verify_checksum=False)
+    (tmp_path / "checksums.json").unlink()  # a folder from an older geolink: no checksum, the finite check remains
+    with pytest.raises(DataError, match=f"tensor {name!r}"):
+        GeoLinkOSMEncoder.from_pretrained(tmp_path)
+    model = geolink.load_model(tmp_path, check_finite=False)  # the documented opt-out
+    assert torch.isnan(model.state_dict()[name]).any()
+
+
+def test_a_wrong_checksum_file_is_named(tmp_path):
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path)
+    (tmp_path / "checksums.json").write_text("[]")
+    with pytest.raises(DataError, match=r"checksums.json is not a checksum file of model.safetensors"):
+        geolink.load_model(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{bad", r"config.json is not valid JSON .*save_pretrained"),
+    ("[1, 2]", r"config.json must hold a JSON object .* not a list"),
+])
+def test_a_broken_config_json_is_named(tmp_path, content, message):
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    for load in (geolink.load_model, GeoLinkOSMEncoder.from_pretrained):
+        with pytest.raises(ConfigError, match=f"{tmp_path}/{message}"):
+            load(tmp_path)
+
+
+def test_a_folder_without_config_json_is_named_by_from_pretrained(tmp_path):
+    geolink.create_model("geolink_tiny", component="osm").save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(MissingWeightsError, match=f"{tmp_path} has no config.json"):
+        GeoLinkOSMEncoder.from_pretrained(tmp_path)
+
+
+def test_a_path_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(MissingInputError, match=f"{tmp_path}/nope is neither a model folder nor a Hub repo id.*"
+                                                 "list_pretrained"):
+        geolink.load_model(tmp_path / "nope")
+
+
+def test_the_bundled_demo_folder_without_checksum_still_loads():
+    demo = Path(geolink.__file__).parent / "assets" / "geolink_tiny_demo"
+    assert not (demo / "checksums.json").exists()
+    assert geolink.load_model(demo).training is False

@@ -3,15 +3,18 @@ MAE and OSM stages, and timm's optimiser conventions. Runs on synthetic graphs (
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from timm.models import group_parameters
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, HeteroData
 
 import geolink
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, empty_graph
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, empty_graph, validate_graph
 from geolink.models import GeoLinkImageEncoder, GeoLinkOSMEncoder
+from geolink.models.image import validate_images
 from geolink.models.pos_embed import sincos_grid
 from geolink.runtime import param_groups
 
@@ -219,6 +222,101 @@ def test_fusion_gives_finite_output_for_samples_without_nodes(fusion, synthetic_
 def test_fusion_rejects_a_graph_count_mismatch(fusion, synthetic_images, synthetic_graphs):
     with pytest.raises(InputError, match="3 images but 2 graphs"):
         fusion(synthetic_images, Batch.from_data_list(synthetic_graphs[:2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input validation (issue 9, item 6): each bad input of the report is named, not a torch/PyG traceback
+def without_points(graph):
+    """``graph`` with the ``point`` node type (and its edges) left out, as a hand-made graph might be."""
+    out = HeteroData()
+    for node_type in ("polygon", "line"):
+        out[node_type].x, out[node_type].pos = graph[node_type].x, graph[node_type].pos
+    for edge_type in EDGE_TYPES:
+        if "point" not in edge_type:
+            out[edge_type].edge_index = graph[edge_type].edge_index
+            out[edge_type].edge_attr = graph[edge_type].edge_attr
+    return out
+
+
+def with_node_field(graph, node_type, name, value):
+    graph = graph.clone()
+    graph[node_type][name] = value
+    return graph
+
+
+def test_fusion_names_a_missing_node_type(fusion, synthetic_images, synthetic_graphs):
+    with pytest.raises(InputError, match="no node type 'point'.*empty_graph"):
+        fusion(synthetic_images[:1], without_points(synthetic_graphs[0]))
+    with pytest.raises(InputError, match="no node type 'point'"):
+        GeoLinkOSMEncoder(text_dim=384)(without_points(synthetic_graphs[0]))
+
+
+def test_fusion_names_unbatched_integer_empty_and_nan_images(fusion, synthetic_images, synthetic_graphs):
+    graph = synthetic_graphs[0]
+    with pytest.raises(InputError, match=r"\(3, 224, 224\), one unbatched image.*images.unsqueeze\(0\)"):
+        fusion(synthetic_images[0], graph)
+    uint8 = (synthetic_images[:1].clamp(0, 1) * 255).to(torch.uint8)
+    with pytest.raises(InputError, match=r"torch.uint8.*geolink.runtime.normalise"):
+        fusion(uint8, graph)
+    with pytest.raises(InputError, match="empty batch"):
+        fusion(synthetic_images[:0], graph)
+    nan = synthetic_images[:1].clone()
+    nan[0, 1, 5, 7] = float("nan")
+    with pytest.raises(InputError, match="NaN or infinite pixels"):
+        fusion(nan, graph)
+    encoder = fusion.image_encoder
+    with pytest.raises(InputError, match="NaN or infinite pixels"):
+        encoder(nan)
+    with pytest.raises(InputError, match="one unbatched image"):
+        encoder.forward_features(synthetic_images[0])
+
+
+@pytest.mark.parametrize(("node_type", "name", "value", "message"), [
+    ("polygon", "pos", torch.rand(11, 3, 2), r"graph\['polygon'\].pos must be \[11, 4, 2\] \(4 anchors"),
+    ("line", "pos", torch.rand(21, 3, 2) * 3 - 1, r"graph\['line'\].pos spans .* outside \[0, 1\]"),
+    ("point", "pos", torch.full((16, 1, 2), float("nan")), r"graph\['point'\].pos has NaN"),
+    ("polygon", "x", torch.full((11, 384), float("nan")), r"graph\['polygon'\].x has NaN"),
+])
+def test_fusion_names_bad_anchors_ranges_and_nan_features(fusion, synthetic_images, synthetic_graphs, node_type,
+                                                          name, value, message):
+    bad = with_node_field(synthetic_graphs[0], node_type, name, value)
+    with pytest.raises(InputError, match=message):
+        fusion(synthetic_images[:1], bad)
+    with pytest.raises(InputError, match=message):
+        GeoLinkOSMEncoder(text_dim=384).encode(bad)
+
+
+def test_pretraining_forward_validates_its_inputs(pretraining, synthetic_images, synthetic_graphs):
+    batch = Batch.from_data_list(synthetic_graphs[:1])
+    with pytest.raises(InputError, match="one unbatched image"):
+        pretraining(synthetic_images[0], batch)
+    bad = Batch.from_data_list([with_node_field(synthetic_graphs[0], "point", "pos", torch.rand(16, 1, 2) + 2)])
+    with pytest.raises(InputError, match=r"graph\['point'\].pos spans"):
+        pretraining(synthetic_images[:1], bad)
+
+
+def test_validation_is_cheap_and_can_be_skipped(fusion, synthetic_images, synthetic_graphs):
+    """validate=False runs the unchecked path (same output); the checks cost little next to a forward pass."""
+    images, graph = synthetic_images[:1], synthetic_graphs[0]
+
+    def best_of(runs, call):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        checked = fusion(images, graph)
+        unchecked = fusion(images, graph, validate=False)
+        assert all(torch.equal(a, b) for a, b in zip(checked, unchecked, strict=True))
+        forward_on = best_of(3, lambda: fusion(images, graph))
+        forward_off = best_of(3, lambda: fusion(images, graph, validate=False))
+    checks = best_of(5, lambda: (validate_images(images, 3), validate_graph(graph, 384)))
+    print(f"\ntiny fusion forward, 1 image: {forward_on * 1e3:.1f} ms validated, {forward_off * 1e3:.1f} ms with "
+          f"validate=False; the checks alone {checks * 1e3:.2f} ms")
+    assert checks < 0.1 * forward_off
 
 
 # ----------------------------------------------------------------------------------------------------------------

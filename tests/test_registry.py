@@ -108,6 +108,23 @@ def test_a_saved_folder_is_not_an_architecture(tmp_path):
                       GeoLinkOSMEncoder)
 
 
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("fusion", "dim", "128", r"fusion.dim must be of type int .*got '128'"),
+    ("fusion", "depth", 1.0, r"fusion.depth must be of type int .*got 1.0"),
+    ("fusion", "widht", 128, r"unknown key 'widht' in section 'fusion'; valid keys: dim, depth"),
+    ("fusion", "dim", -8, r"fusion.dim must be finite and >= 0; got -8"),
+    ("fusion", "dropout", 1.5, r"fusion.dropout must be in \[0, 1\]; got 1.5"),
+    ("image", "drop_path_rate", float("nan"), r"image.drop_path_rate must be in \[0, 1\]; got nan"),
+])
+def test_edited_values_in_a_saved_config_json_are_named(tmp_path, section, key, value, message):
+    geolink.create_model("geolink_tiny", component="fusion").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (config if section == "fusion" else config[section])[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))  # NaN is written as the (accepted) literal NaN
+    with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: {message}"):
+        geolink.load_model(tmp_path)
+
+
 def test_pretrained_components_are_extracted_from_a_saved_pretraining_model(tmp_path):
     torch.manual_seed(0)
     full = geolink.create_model("geolink_tiny", image={"img_size": 64})

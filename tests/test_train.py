@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,12 +14,12 @@ import pytest
 
 from geolink.cli import JOBS, config_from_args, job_parser
 from geolink.cli import main as cli_main
-from geolink.errors import ConfigError, MissingInputError
+from geolink.errors import ConfigError, DataError, MissingInputError
 from geolink.models import GeoLinkForPretraining
 from geolink.runtime import Precision
 from geolink.train import TrainConfig, run
 from geolink.train import trainer as trainer_module
-from geolink.train.checkpoint import latest_checkpoint
+from geolink.train.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -158,9 +159,113 @@ def test_resume_refuses_a_different_run(ufz_pairs, tmp_path, capsys):
     out = tmp_path / "run"
     main(arguments(ufz_pairs, out, 3))
     capsys.readouterr()
-    assert main(arguments(ufz_pairs, out, 6, 3, "--resume")) == 2
+    assert main(arguments(ufz_pairs, out, 3, 3, "--resume")) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: resume from ") and "['batch_size'] changed" in error and error.count("\n") == 1
+    # max_steps shapes the cosine schedule of every step: another value is refused, with how to train longer
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 2
+    error = capsys.readouterr().err
+    assert "['max_steps'] changed (saved [3])" in error and "resume with max_steps=3" in error
+    assert "overwrite=True" in error and error.count("\n") == 1
+    with pytest.raises(ConfigError, match="resume=True and overwrite=True contradict"):
+        TrainConfig(resume=True, overwrite=True, max_steps=200)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_into_a_run_folder_is_refused_and_overwrite_moves_the_old_run_aside(ufz_pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(arguments(ufz_pairs, out, 12)) == 0  # --save-every 3
+    first = snapshot(out)
+    assert {"checkpoints/step_00000012/model.safetensors", "final/model.safetensors"} <= set(first)
+    capsys.readouterr()
+    assert main(arguments(ufz_pairs, out, 3)) == 2  # the issue's rerun: no resume, fewer steps
+    error = capsys.readouterr().err
+    assert error == (f"error: out folder {out} already holds a run (metrics.jsonl, checkpoints, final); pass "
+                     "resume=True to continue it, or overwrite=True to start again (the old run is moved to "
+                     f"{out}/previous-<n>/), or choose another out folder\n")
+    assert snapshot(out) == first  # nothing written, nothing lost
+
+    assert main(arguments(ufz_pairs, out, 3, 2, "--overwrite")) == 0
+    assert "the previous run in" in capsys.readouterr().err
+    assert snapshot(out / "previous-1") == first  # the whole first run, byte for byte
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000003"
+    assert main(arguments(ufz_pairs, out, 3, 2, "--overwrite")) == 0  # a second overwrite keeps both old runs
+    assert snapshot(out / "previous-1") == first and (out / "previous-2" / "metrics.jsonl").is_file()
+
+
+def test_pruning_keeps_the_newest_checkpoints_by_step(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "checkpoints"
+    (folder / "step_00000012").mkdir(parents=True)  # older than the newest two by step: pruned
+    for step in (3, 6, 9, 99_999_999, 100_000_000):  # the last sorts before the one above by name
+        save_checkpoint(folder, step, model, optimizer, {}, {}, rank=0, world_size=1, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_100000000", "step_99999999"]
+    assert latest_checkpoint(folder).name == "step_100000000"
+    assert [p.name for p in complete_checkpoints(folder)] == ["step_100000000", "step_99999999"]
+    save_checkpoint(folder / "other", 3, model, optimizer, {}, {}, rank=0, world_size=1, keep=2)
+    (folder / "other" / "step_00000012").mkdir()  # a later, damaged one a resume fell back from: replaced, not pruned
+    save_checkpoint(folder / "other", 6, model, optimizer, {}, {}, rank=0, world_size=1, keep=1)
+    assert sorted(p.name for p in (folder / "other").iterdir()) == ["latest", "step_00000006", "step_00000012"]
+
+
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(ufz_pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(arguments(ufz_pairs, out, 6))
+    uninterrupted = read_metrics(out)
+    latest = out / "checkpoints" / "step_00000006"
+
+    def resumed_exactly() -> bool:
+        return read_metrics(out) == [{**r, "samples_per_s": k["samples_per_s"]}
+                                     for r, k in zip(uninterrupted, read_metrics(out))]
+
+    (latest / "optimizer.json").write_text('{"param_groups": [')  # corrupt optimizer state
+    capsys.readouterr()
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 0
+    warned = capsys.readouterr().err
+    assert f"warning: checkpoint {latest} is damaged: optimizer.json cannot be read (JSONDecodeError" in warned
+    assert f"resuming from {out / 'checkpoints' / 'step_00000003'} (damaged: step_00000006)" in warned
+    assert len(read_metrics(out)) == 6 and resumed_exactly()  # steps 4-6 redone from step 3, bit for bit
+
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated weights
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 0
+    assert f"warning: checkpoint {latest} is damaged: model.safetensors cannot be read (Safetensor" in (
+        capsys.readouterr().err)
+    assert resumed_exactly() and latest_checkpoint(out / "checkpoints") == latest
+
+    for checkpoint in ("step_00000003", "step_00000006"):  # nothing usable: one error naming the folder
+        (out / "checkpoints" / checkpoint / "model.safetensors").write_bytes(b"")
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: no checkpoint in {out / 'checkpoints'} can be read (damaged: step_00000006, step_00000003); restore "
+        "one, or start again with overwrite=True instead of resume=True (the old run is moved aside)")
+
+
+def test_resume_repairs_a_torn_last_metrics_line(ufz_pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(arguments(ufz_pairs, out, 6))
+    uninterrupted = read_metrics(out)
+    # the state of a kill while step 5's record was written: checkpoint 3, records 1-4 and half of record 5
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:4]) + lines[4][:25])
+    capsys.readouterr()
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 0
+    assert f"warning: {out / 'metrics.jsonl'}: dropped a torn last line" in capsys.readouterr().err
+    assert read_metrics(out) == [{**r, "samples_per_s": k["samples_per_s"]}
+                                 for r, k in zip(uninterrupted, read_metrics(out))]
+    # a damaged line before the last is not a torn write: named, not dropped
+    (out / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:10] + "\n" + lines[2] + "\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl line 2 is not a JSON record; repair or delete that line"):
+        trainer_module.keep_metrics_until(out / "metrics.jsonl", 3)
 
 
 def test_non_finite_loss_stops_with_the_step_and_samples(ufz_pairs, tmp_path):

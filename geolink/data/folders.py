@@ -20,7 +20,7 @@ from torch_geometric.data import HeteroData
 
 from geolink.errors import MissingInputError
 from geolink.graph.official import load_official_graph
-from geolink.graph.storage import load_graph, load_table, materialize_x
+from geolink.graph.storage import MAX_INDEX_BYTES, check_file, load_graph, load_table, materialize_x, path_inside
 from geolink.graph.tags import TagVocabulary
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, normalise
 
@@ -35,16 +35,20 @@ class GraphFolder:
 
     Raises:
         MissingInputError: the folder indexes no tiles.
+        DataError: an index file is not a regular file or too large, or an entry names a file outside the folder.
     """
 
     def __init__(self, folder: str | Path, tag_encoder: Any = None) -> None:
         self.folder = Path(folder)
         entries: dict[str, dict[str, Any]] = {}
         for index in sorted(self.folder.glob("index*.jsonl")):
+            check_file(index, "graph folder index", MAX_INDEX_BYTES)
             with open(index, encoding="utf-8") as handle:
-                for line in handle:
+                for number, line in enumerate(handle, 1):
                     if line.strip():
                         entry = json.loads(line)
+                        for key, name in (("file", entry.get("file")), ("vocab", f"{entry.get('vocab')}.json")):
+                            path_inside(self.folder, name, f"{index} line {number} {key!r}")
                         entries[entry["name"]] = entry
         if not entries:
             raise MissingInputError(f"no tiles indexed in {self.folder} (expected index*.jsonl): build it with "
@@ -61,7 +65,9 @@ class GraphFolder:
         """Embedding table of the vocabulary ``vocab`` (cached)."""
         if vocab not in self._tables:
             if self.tag_encoder is not None:
-                strings = TagVocabulary.load(self.folder / f"{vocab}.json").strings
+                path = self.folder / f"{vocab}.json"
+                check_file(path, "vocabulary", MAX_INDEX_BYTES)
+                strings = TagVocabulary.load(path).strings
                 self._tables[vocab] = self.tag_encoder.encode(strings)
             else:
                 self._tables[vocab] = load_table(self.folder, vocab)

@@ -182,13 +182,15 @@ class StreamingPairShards(IterableDataset):
         return [(k, slot) for k in order]
 
     def _compact(self, slot: int, slots: int) -> Iterator[tuple[int, bytes, dict, str, str]]:
+        vocab_size = int(self._decoder.table().shape[0])
         for k, keep in self.assignment(slot, slots):
             shard = self.reader.shard(k)
             first = int(self.reader.offsets[k])
             for j in range(shard.num_samples):
                 if keep is not None and (first + j) % slots != keep:
                     continue
-                yield first + j, bytes(shard.image_bytes(j)), shard.graph_arrays(j), shard.crs[j], shard.names[j]
+                yield (first + j, bytes(shard.image_bytes(j)), shard.graph_arrays(j, vocab_size), shard.crs[j],
+                       shard.names[j])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, HeteroData]]:
         worker = get_worker_info()

@@ -47,7 +47,17 @@ from geolink.errors import ConfigError, DataError, InputError, MissingDependency
 from geolink.graph.build import OSMGraphBuilder
 from geolink.graph.readers import read_geojson, reproject_bbox, require_file
 from geolink.graph.schema import NODE_TYPES
-from geolink.graph.storage import graph_from_tensors, graph_tensors, save_vocabulary
+from geolink.graph.storage import (
+    MAX_INDEX_BYTES,
+    MAX_TABLE_BYTES,
+    check_file,
+    check_graph_arrays,
+    check_table,
+    graph_from_tensors,
+    graph_tensors,
+    path_inside,
+    save_vocabulary,
+)
 from geolink.graph.tags import TagVocabulary
 from geolink.graph.text import POOLINGS
 from geolink.graph.tiles import Tile, footprint_tiles, iter_tile_features, read_region
@@ -64,6 +74,7 @@ IMAGE_FORMATS = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"II*\x00": "tiff",
 _DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16,
            "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
 _MAX_HEADER = 100 * 2**20
+_MAX_SHARD = 64 * 2**30
 
 
 class CorruptShardError(DataError):
@@ -121,33 +132,53 @@ class Shard:
                                     f"file has {data.size}): rebuild it with make-pairs")
         try:
             header = json.loads(bytes(data[8:8 + header_len]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            metadata = header.pop("__metadata__", None) or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as err:
             raise CorruptShardError(f"shard {name} has a corrupt header ({err}): rebuild it with make-pairs") from None
-        metadata = header.pop("__metadata__", None) or {}
-        if metadata.get("format") != FORMAT:
-            raise CorruptShardError(f"shard {name} has format {metadata.get('format')!r}, this geolink reads "
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            found = metadata.get("format") if isinstance(metadata, dict) else None
+            raise CorruptShardError(f"shard {name} has format {found!r}, this geolink reads "
                                     f"{FORMAT!r}: rebuild the dataset with this version's make-pairs")
         body = data[8 + header_len:]
         self.arrays: dict[str, np.ndarray] = {}
         for key, info in header.items():
-            start, end = info["data_offsets"]
-            if end > body.size or start > end:
-                raise CorruptShardError(f"shard {name} is truncated: tensor {key!r} ends at byte {end} of a "
-                                        f"{body.size}-byte body; rebuild it with make-pairs")
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            self.arrays[key] = body[start:end].view(dtype).reshape(info["shape"])
+            try:
+                start, end = (int(v) for v in info["data_offsets"])
+                dtype = np.dtype(_DTYPES[info["dtype"]])
+                if end > body.size or not 0 <= start <= end:
+                    raise CorruptShardError(f"shard {name} is truncated: tensor {key!r} ends at byte {end} of a "
+                                            f"{body.size}-byte body; rebuild it with make-pairs")
+                self.arrays[key] = body[start:end].view(dtype).reshape([int(d) for d in info["shape"]])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CorruptShardError(f"shard {name} has a corrupt header entry for tensor {key!r} ({err!r}): "
+                                        "rebuild it with make-pairs") from None
         try:
             self.names: list[str] = json.loads(metadata["names"])
             self.crs: list[str] = json.loads(metadata["crs"])
             self.image_formats: list[str] = json.loads(metadata["image_formats"])
-        except (KeyError, json.JSONDecodeError) as err:
+            if not all(isinstance(v, list) and len(v) == len(self.names) and all(isinstance(x, str) for x in v)
+                       for v in (self.names, self.crs, self.image_formats)):
+                raise TypeError("names, crs and image_formats must be lists of as many strings")
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise CorruptShardError(f"shard {name} lacks valid metadata ({err})") from None
         self.num_samples = len(self.names)
-        offsets = self.arrays.get("image.offsets")
-        if offsets is None or offsets.shape != (self.num_samples + 1,) or int(offsets[-1]) != self.arrays["image"].size:
-            raise CorruptShardError(f"shard {name}: image offsets do not match its {self.num_samples} samples")
         self.graph_keys = sorted(k[len("graph."):-len(".offsets")] for k in self.arrays
                                  if k.startswith("graph.") and k.endswith(".offsets"))
+        self._check_offsets("image", self.arrays.get("image.offsets"))
+        for key in self.graph_keys:
+            present = self.arrays.get(f"graph.{key}.present")
+            if present is None or present.shape != (self.num_samples,):
+                raise CorruptShardError(f"shard {name}: column graph.{key}.present does not hold one flag per "
+                                        f"sample ({self.num_samples}); rebuild it with make-pairs")
+            self._check_offsets(f"graph.{key}", self.arrays[f"graph.{key}.offsets"])
+
+    def _check_offsets(self, key: str, offsets: np.ndarray | None) -> None:
+        column = self.arrays.get(key)
+        if (column is None or offsets is None or offsets.dtype.kind not in "iu"
+                or offsets.shape != (self.num_samples + 1,) or int(offsets[0]) != 0
+                or int(offsets[-1]) != column.size or (np.diff(offsets) < 0).any()):
+            raise CorruptShardError(f"shard {self.name}: {key}.offsets do not match its {self.num_samples} samples "
+                                    "and the column size; rebuild it with make-pairs")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -157,9 +188,14 @@ class Shard:
         offsets = self.arrays["image.offsets"]
         return memoryview(self.arrays["image"][int(offsets[j]):int(offsets[j + 1])])
 
-    def graph_arrays(self, j: int) -> dict[str, np.ndarray]:
+    def graph_arrays(self, j: int, vocab_size: int | None = None) -> dict[str, np.ndarray]:
         """Sample ``j``'s flat graph arrays (the :func:`geolink.graph.storage.graph_tensors` keys, flattened; small
-        writable copies, independent of the memory map)."""
+        writable copies, independent of the memory map), checked by
+        :func:`~geolink.graph.storage.check_graph_arrays` (tag ids against ``vocab_size`` when given).
+
+        Raises:
+            CorruptShardError: a column of the sample is inconsistent or non-finite (names the file and sample).
+        """
         out = {}
         arrays = self.arrays
         for key in self.graph_keys:
@@ -167,6 +203,10 @@ class Shard:
                 continue
             start, end = arrays[f"graph.{key}.offsets"][j:j + 2].tolist()
             out[key] = np.array(arrays[f"graph.{key}"][start:end])
+        try:
+            check_graph_arrays(out, f"shard {self.name} sample {j} ({self.names[j]!r})", vocab_size)
+        except DataError as err:
+            raise CorruptShardError(str(err)) from None
         return out
 
     def graph_tensors(self, j: int) -> dict[str, torch.Tensor]:
@@ -176,7 +216,7 @@ class Shard:
     def graph(self, j: int, table: torch.Tensor | None = None) -> HeteroData:
         """Sample ``j``'s graph: the compact contract form (``tags``/``tag_weight``, or ``x`` when stored so), or
         with ``x`` computed from ``table``."""
-        return graph_from_tensors(self.graph_arrays(j), self.crs[j], table)
+        return graph_from_tensors(self.graph_arrays(j, None if table is None else table.shape[0]), self.crs[j], table)
 
 
 def encode_shard(samples: Sequence[tuple[str, bytes, HeteroData]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -239,13 +279,22 @@ class PairShardReader:
     def _path(self, name: str) -> str:
         return _join(self._base, name) if self._fs is not None else str(Path(self._base) / name)
 
-    def _read_bytes(self, name: str) -> bytes:
+    def _read_bytes(self, name: str, max_bytes: int, where: str | None = None) -> bytes:
+        """The bytes of the dataset file ``name`` (named by the index entry ``where``, checked to stay inside the
+        root), after checking it is a regular file of at most ``max_bytes`` bytes."""
+        if where is not None:
+            path_inside(self.root, name, f"{self._display(INDEX_FILE)} {where}")
         path = self._path(name)
         try:
             if self._fs is not None:
+                info = self._fs.info(path)
+                if info.get("type") != "file" or int(info.get("size") or 0) > max_bytes:
+                    raise DataError(f"{self._display(name)} is not a regular file of at most {max_bytes} bytes "
+                                    f"({info.get('type')}, {info.get('size')} bytes): replace it with the file itself")
                 return self._fs.cat_file(path)
+            check_file(path, "dataset file", max_bytes)
             with open(path, "rb") as handle:
-                return handle.read()
+                return handle.read(max_bytes + 1)
         except FileNotFoundError:
             raise MissingInputError(f"{self._display(name)} not found") from None
 
@@ -255,7 +304,7 @@ class PairShardReader:
     def _read_index(self) -> dict[str, Any]:
         name = self._display(INDEX_FILE)
         try:
-            raw = self._read_bytes(INDEX_FILE)
+            raw = self._read_bytes(INDEX_FILE, MAX_INDEX_BYTES)
         except FileNotFoundError:
             raise MissingInputError(f"{name} not found: {self.root} is not a geolink pair dataset (build one with "
                                     "make_pairs / geolink make-pairs)") from None
@@ -263,9 +312,19 @@ class PairShardReader:
             index = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CorruptShardError(f"{name} is not valid JSON ({err}); restore it or rebuild the dataset") from None
-        if index.get("format") != FORMAT:
-            raise CorruptShardError(f"{name} has format {index.get('format')!r}, this geolink reads {FORMAT!r}: "
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            found = index.get("format") if isinstance(index, dict) else None
+            raise CorruptShardError(f"{name} has format {found!r}, this geolink reads {FORMAT!r}: "
                                     "rebuild the dataset with this version's make-pairs")
+        try:
+            path_inside(self.root, f"{index.get('vocabulary', VOCAB_NAME)}.json", f"{name} vocabulary")
+            for k, entry in enumerate(index["shards"]):
+                path_inside(self.root, entry["file"], f"{name} shards[{k}].file")
+        except DataError as err:
+            raise CorruptShardError(str(err)) from None
+        except (KeyError, TypeError) as err:
+            raise CorruptShardError(f"{name} has a malformed shard list ({err!r}); restore it or rebuild the "
+                                    "dataset") from None
         return index
 
     # -- samples
@@ -294,16 +353,16 @@ class PairShardReader:
         entry = self.shards[k]
         name = self._display(entry["file"])
         if self._fs is None:
-            path = self._path(entry["file"])
-            if not os.path.isfile(path):
+            path = path_inside(self.root, entry["file"], f"{self._display(INDEX_FILE)} shards[{k}].file")
+            if not os.path.lexists(path):
                 raise MissingInputError(f"shard {name} listed in {INDEX_FILE} is missing")
-            size = os.path.getsize(path)
+            size = check_file(path, "shard", _MAX_SHARD)
             if "bytes" in entry and size != int(entry["bytes"]):
                 raise CorruptShardError(f"shard {name} has {size} bytes, {INDEX_FILE} says {entry['bytes']}: the file "
                                         "is truncated or was modified; rebuild it with make-pairs")
             buffer = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         else:
-            buffer = self._read_bytes(entry["file"])
+            buffer = self._read_bytes(entry["file"], int(entry.get("bytes", _MAX_SHARD)), f"shards[{k}].file")
             if "bytes" in entry and len(buffer) != int(entry["bytes"]):
                 raise CorruptShardError(f"shard {name} has {len(buffer)} bytes, {INDEX_FILE} says {entry['bytes']}: "
                                         "the file is truncated or was modified; rebuild it with make-pairs")
@@ -325,21 +384,30 @@ class PairShardReader:
             vocab = self.index.get("vocabulary", VOCAB_NAME)
             name = f"{vocab}.safetensors"
             try:
-                raw = self._read_bytes(name)
+                raw = self._read_bytes(name, MAX_TABLE_BYTES, "vocabulary")
             except FileNotFoundError:
                 raise MissingInputError(f"{self._display(name)} not found: the dataset was built without a text "
                                         "model; rebuild it with a text_model, or pass tag_encoder= to embed the "
                                         "vocabulary now") from None
             try:
-                self._table = load(raw)["embeddings"]
+                table = load(raw)["embeddings"]
             except Exception as err:  # safetensors raises its own error types
                 raise CorruptShardError(f"{self._display(name)} is not a readable embedding table ({err})") from None
+            try:
+                self._table = check_table(table, self._display(name))
+            except DataError as err:
+                raise CorruptShardError(str(err)) from None
         return self._table
 
     def vocabulary(self) -> TagVocabulary:
         """The tag vocabulary (``tags`` ids index it)."""
         name = f"{self.index.get('vocabulary', VOCAB_NAME)}.json"
-        return TagVocabulary(json.loads(self._read_bytes(name).decode("utf-8"))["strings"])
+        try:
+            strings = json.loads(self._read_bytes(name, MAX_INDEX_BYTES, "vocabulary").decode("utf-8"))["strings"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CorruptShardError(f"{self._display(name)} is not a tag vocabulary ({err!r}); restore it or rebuild "
+                                    "the dataset") from None
+        return TagVocabulary(strings)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers (spawn): reopen shards there, not the mmaps
         state = dict(self.__dict__)

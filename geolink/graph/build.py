@@ -9,6 +9,7 @@ Topology lives in :mod:`geolink.graph.relations`, tag handling in :mod:`geolink.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class BuildReport:
         repaired: invalid polygons repaired with ``make_valid``.
         split_parts: extra nodes created by splitting multi-part geometries (and repaired/clipped results).
         dropped_empty: empty geometries.
+        dropped_nonfinite: geometries with a NaN or infinite coordinate (before or after reprojection).
         dropped_degenerate: parts dropped for zero area/length or for a lower dimension than their feature
             (e.g. the line left when a polygon only touches the bbox).
         dropped_no_tags: features without any kept tag.
@@ -64,6 +66,7 @@ class BuildReport:
     repaired: int = 0
     split_parts: int = 0
     dropped_empty: int = 0
+    dropped_nonfinite: int = 0
     dropped_degenerate: int = 0
     dropped_no_tags: int = 0
     unknown_keys: int = 0
@@ -119,10 +122,53 @@ def check_bbox(bbox: Iterable[float], crs: str = "EPSG:4326") -> BBox:
     if not (east > west and north > south):
         raise InputError(f"empty bbox {bbox!r}: it must be (west, south, east, north) with east > west and "
                          "north > south")
-    if is_geographic(crs) and not (west >= -180.5 and east <= 180.5 and south >= -90.5 and north <= 90.5):
+    if is_geographic(crs) and not _in_degrees((west, south, east, north)):
         raise InputError(f"bbox {bbox!r} is not in degrees but crs={crs!r} is geographic: pass the tile's CRS, "
                          "e.g. crs='EPSG:32635' for UTM coordinates")
     return west, south, east, north
+
+
+def _finite(geoms: np.ndarray) -> np.ndarray:
+    """Per geometry: whether all its x, y coordinates are finite (z is not used and not checked)."""
+    coords, owner = shapely.get_coordinates(geoms, return_index=True)
+    bad = np.zeros(len(geoms), dtype=bool)
+    bad[owner[~np.isfinite(coords).all(axis=1)]] = True
+    return ~bad
+
+
+def _in_degrees(bounds: Iterable[float]) -> bool:
+    """Whether a (west, south, east, north) extent lies within lon/lat degree ranges (half a degree of slack)."""
+    west, south, east, north = bounds
+    return bool(west >= -180.5 and east <= 180.5 and south >= -90.5 and north <= 90.5)
+
+
+def _overlap(a: np.ndarray | BBox, b: np.ndarray | BBox) -> bool:
+    """Whether two (west, south, east, north) extents intersect."""
+    return bool(a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3])
+
+
+def no_intersection_message(feature_bounds: np.ndarray, feature_crs: str | None, bbox: BBox, crs: str) -> str:
+    """Why a tile got no node although it had features: both CRSs and extents, and the likely fix.
+
+    Args:
+        feature_bounds: (west, south, east, north) of the features as given, in ``feature_crs``.
+        feature_crs: the features' CRS; None when not given (they are then taken to be in ``crs``).
+        bbox: the tile, in ``crs``.
+        crs: the tile CRS.
+    """
+    def rounded(values: Iterable[float]) -> list[float]:
+        return [float(f"{v:.6g}") for v in values]
+
+    features = f"crs {feature_crs}" if feature_crs else f"taken to be in crs {crs}, no feature_crs given"
+    message = (f"no feature intersects the bbox, so the graph is empty: the features ({features}) span "
+               f"{rounded(feature_bounds)} but the bbox (crs {crs}) is {rounded(bbox)}. ")
+    if _overlap(feature_bounds[[1, 0, 3, 2]], bbox):
+        return message + ("The features look like (lat, lon): shapely geometries are (x=lon, y=lat) and bbox is "
+                          "(west, south, east, north); swap the coordinates of the features or of the bbox")
+    if feature_crs is None and _in_degrees(feature_bounds) and not is_geographic(crs):
+        return message + "The features look like lon/lat degrees: pass feature_crs='EPSG:4326' to reproject them"
+    return message + ("Pass the features' CRS as feature_crs= (they are reprojected to crs) or the bbox in their "
+                      "CRS with crs=")
 
 
 def _flatten_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +252,8 @@ class OSMGraphBuilder:
             official builder). A :class:`~geolink.graph.tags.TagFilter` applies to both; None keeps everything.
         delaunay_min_points: smallest point count that is triangulated (3; the official builder uses 4).
         clip: clip features to the bbox (features already inside are never modified).
+        strict: when a tile has features but none intersects its bbox (typically a CRS mix-up), raise an
+            :class:`~geolink.errors.InputError` instead of warning and returning the empty graph.
 
     Example:
         >>> builder = OSMGraphBuilder(TagEncoder(model_dir), tag_weights="official")
@@ -213,7 +261,8 @@ class OSMGraphBuilder:
     """
 
     def __init__(self, tag_encoder: Any = None, tag_weights: str | Path | Mapping[str, float] | None = "official",
-                 tag_filter: TagFilter | str | None = "auto", delaunay_min_points: int = 3, clip: bool = True) -> None:
+                 tag_filter: TagFilter | str | None = "auto", delaunay_min_points: int = 3, clip: bool = True,
+                 strict: bool = False) -> None:
         self.tag_encoder = tag_encoder
         self.frequency = load_key_frequency(tag_weights)
         if isinstance(tag_filter, str) and tag_filter != "auto":
@@ -221,10 +270,13 @@ class OSMGraphBuilder:
         self.tag_filter = tag_filter
         self.delaunay_min_points = int(delaunay_min_points)
         self.clip = clip
+        self.strict = strict
         self.last_report: BuildReport | None = None
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
     def _strings(self, tags: Tags | None) -> list[str]:
+        if isinstance(tags, Mapping):  # OSM keys and values are strings; other keys (e.g. ints) are taken as text
+            tags = {str(k): v for k, v in tags.items()}
         if self.tag_filter == "auto":
             tag_filter = KEEP_ALL if isinstance(tags, str) else TagFilter()
         else:
@@ -240,6 +292,10 @@ class OSMGraphBuilder:
             bbox: the tile (west, south, east, north) in ``crs``.
             crs: the tile CRS (``g.crs``).
             feature_crs: CRS of the features when it differs from ``crs`` (reprojected with pyproj).
+
+        Features with a NaN or infinite coordinate are dropped and counted (``report.dropped_nonfinite``). When there
+        are features but none intersects the bbox, a warning names both CRSs and extents (an
+        :class:`~geolink.errors.InputError` with ``strict=True``).
         """
         bbox = check_bbox(bbox, crs)
         report = BuildReport()
@@ -262,12 +318,15 @@ class OSMGraphBuilder:
             geoms.append(geom)
             strings.append(kept)
         geoms = np.asarray(geoms, dtype=object) if geoms else np.zeros(0, dtype=object)
-        if feature_crs is not None and str(feature_crs) != str(crs) and len(geoms):
-            geoms = reproject(geoms, feature_crs, crs)
         empty = shapely.is_empty(geoms)
         report.dropped_empty += int(empty.sum())
         keep = ~empty
         geoms, strings = geoms[keep], [s for s, k in zip(strings, keep, strict=True) if k]
+        geoms, strings = self._drop_nonfinite(geoms, strings, report)
+        given_bounds = shapely.total_bounds(geoms) if len(geoms) else np.full(4, np.nan)
+        if feature_crs is not None and str(feature_crs) != str(crs) and len(geoms):
+            geoms = reproject(geoms, feature_crs, crs)
+            geoms, strings = self._drop_nonfinite(geoms, strings, report)
         dims = shapely.get_dimensions(geoms)
         invalid = (dims == 2) & ~shapely.is_valid(geoms)
         if invalid.any():
@@ -283,11 +342,15 @@ class OSMGraphBuilder:
             report.clipped += int(touching.sum())
             if touching.any():
                 geoms[touching] = shapely.intersection(geoms[touching], tile)
-            if outside.all() and len(geoms) and is_geographic(crs):
+            if outside.all() and len(geoms):
                 bounds = shapely.total_bounds(geoms)
-                if not (bounds[0] >= -180.5 and bounds[2] <= 180.5 and bounds[1] >= -90.5 and bounds[3] <= 90.5):
+                if is_geographic(crs) and not _in_degrees(bounds):
                     raise InputError(f"the features are not in degrees (bounds {bounds.round(1).tolist()}) but the "
                                      f"tile crs is {crs!r}: pass feature_crs= (e.g. 'EPSG:3857') to reproject them")
+                message = no_intersection_message(given_bounds, feature_crs and str(feature_crs), bbox, str(crs))
+                if self.strict:
+                    raise InputError(message)
+                warnings.warn(message, UserWarning, stacklevel=3)
             geoms, dims, strings = geoms[~outside], dims[~outside], [s for s, o in zip(strings, outside, strict=True)
                                                                      if not o]
         parts, owner = _flatten_parts(geoms)
@@ -322,6 +385,16 @@ class OSMGraphBuilder:
                               self.delaunay_min_points)
         return PreparedTile(bbox=bbox, crs=str(crs), pos=pos, tags=tags, weights=weights, edges=edges, report=report,
                             geoms=by_type)
+
+    @staticmethod
+    def _drop_nonfinite(geoms: np.ndarray, strings: list[list[str]], report: BuildReport
+                        ) -> tuple[np.ndarray, list[list[str]]]:
+        """Drop (and count) the geometries with a NaN or infinite coordinate, with their tags."""
+        finite = _finite(geoms)
+        if finite.all():
+            return geoms, strings
+        report.dropped_nonfinite += int((~finite).sum())
+        return geoms[finite], [s for s, k in zip(strings, finite, strict=True) if k]
 
     # ------------------------------------------------------------------ assembly
     def to_graph(self, prepared: PreparedTile, vocabulary: TagVocabulary | None = None,

@@ -68,19 +68,30 @@ def empty_graph(feature_dim: int, crs: str = "EPSG:4326", bbox: tuple[float, flo
     return graph
 
 
+POS_TOLERANCE = 1e-3
+"""How far outside ``[0, 1]`` a normalised anchor coordinate may lie (float rounding at the bbox edge)."""
+
+
 def validate_graph(graph: HeteroData, feature_dim: int | None = None) -> None:
     """Check that ``graph`` follows the contract; raise :class:`~geolink.errors.InputError` (a ``ValueError``)
     naming the first violation.
 
-    Works on single graphs and on ``Batch.from_data_list`` batches.
+    Works on single graphs and on ``Batch.from_data_list`` batches. Checked: every node and edge type is present
+    (a missing type is an error, not filled in: build graphs with ``OSMGraphBuilder`` or start from
+    :func:`empty_graph`), the shapes of ``x`` ``[N, D]``, ``pos`` ``[N, A, 2]`` (``A`` from :data:`NUM_ANCHORS`) and
+    ``edge_index`` ``[2, E]``, edge indices in range, ``x`` and ``pos`` finite, and ``pos`` within ``[0, 1]``
+    (up to :data:`POS_TOLERANCE`). The cost is a few reductions over the node tensors, small next to a forward pass.
 
     Args:
         graph: the graph to check.
         feature_dim: expected width of ``x``; not checked when None.
     """
+    if not isinstance(graph, HeteroData):
+        raise InputError(f"graph must be a torch_geometric HeteroData (or a Batch of them), got {type(graph).__name__}")
     for node_type in NODE_TYPES:
         if node_type not in graph.node_types:
-            raise InputError(f"graph has no node type {node_type!r}; every graph needs all of {NODE_TYPES}")
+            raise InputError(f"graph has no node type {node_type!r}; every graph needs all of {NODE_TYPES}, empty "
+                             f"ones as x [0, D] and pos [0, {NUM_ANCHORS[node_type]}, 2] (see schema.empty_graph)")
         store = graph[node_type]
         if "x" not in store or "pos" not in store:
             raise InputError(f"graph[{node_type!r}] needs both 'x' [N, D] and 'pos' [N, A, 2]")
@@ -88,11 +99,23 @@ def validate_graph(graph: HeteroData, feature_dim: int | None = None) -> None:
         if x.dim() != 2:
             raise InputError(f"graph[{node_type!r}].x must be [N, D], got shape {tuple(x.shape)}")
         if feature_dim is not None and x.shape[1] != feature_dim:
-            raise InputError(f"graph[{node_type!r}].x has width {x.shape[1]}, the model expects {feature_dim}: "
+            raise InputError(f"graph[{node_type!r}].x has width {x.shape[1]}, this encoder expects {feature_dim}: "
                              "build the graph with the text model the model was trained with")
         anchors = NUM_ANCHORS[node_type]
         if pos.shape != (x.shape[0], anchors, 2):
-            raise InputError(f"graph[{node_type!r}].pos must be [{x.shape[0]}, {anchors}, 2], got {tuple(pos.shape)}")
+            raise InputError(f"graph[{node_type!r}].pos must be [{x.shape[0]}, {anchors}, 2] ({anchors} anchors per "
+                             f"{node_type}), got {tuple(pos.shape)}")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise InputError(f"graph[{node_type!r}].x has NaN or infinite values; rebuild the graph or drop the "
+                             "non-finite features")
+        if pos.numel():
+            if not bool(torch.isfinite(pos).all()):
+                raise InputError(f"graph[{node_type!r}].pos has NaN or infinite values; drop the features with "
+                                 "non-finite coordinates")
+            low, high = float(pos.min()), float(pos.max())
+            if low < -POS_TOLERANCE or high > 1 + POS_TOLERANCE:
+                raise InputError(f"graph[{node_type!r}].pos spans [{low:.4g}, {high:.4g}], outside [0, 1]: anchors "
+                                 "are normalised image coordinates (u, v); build the graph with the tile's bbox")
     for edge_type in EDGE_TYPES:
         if edge_type not in graph.edge_types:
             raise InputError(f"graph has no edge type {edge_type}; empty edge types must be present as [2, 0]")

@@ -10,8 +10,10 @@ kernel, ``embedding_bag`` on the CSR form: builder, stored graphs and pair shard
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,69 @@ REVERSE_EDGE_TYPE = {("polygon", "to", "line"): ("line", "to", "polygon"),
                      ("line", "to", "point"): ("point", "to", "line"),
                      ("polygon", "to", "point"): ("point", "to", "polygon")}
 """Edge types stored as the transpose of another (same relation codes, see DESIGN §3) when they are exactly that."""
+
+MAX_INDEX_BYTES = 256 * 2**20
+"""Size limit of a JSON index or vocabulary file of a dataset (``index.json``, ``vocab.json``, ``index.jsonl``)."""
+MAX_TABLE_BYTES = 16 * 2**30
+"""Size limit of an embedding table file (``vocab.safetensors``)."""
+MAX_GRAPH_BYTES = 1 * 2**30
+"""Size limit of one stored tile graph file."""
+
+
+# ---------------------------------------------------------------------------------------------- safe dataset files
+
+
+def path_inside(root: str | Path, name: Any, where: str) -> str:
+    """The path of ``name`` (a file named by an index) under the dataset ``root``, refusing any path that escapes it.
+
+    The one check of names read from index files (pair datasets and graph folders): ``name`` must be a plain
+    relative name (no absolute path, no ``..``, no URL); for a local ``root`` the resolved path (symlinks followed)
+    must also lie inside the resolved root. For a URL ``root`` (``s3://...``) the name is joined under it.
+
+    Args:
+        root: the dataset folder or fsspec URL.
+        name: the file name as the index gives it.
+        where: the index entry, for messages (e.g. ``"index.json shards[3].file"``).
+
+    Raises:
+        DataError: ``name`` is not a string, is absolute, contains ``..`` or leads outside ``root``.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "://" in name or "\0" in name:
+        raise DataError(f"{where} is {name!r}: it must be a file name relative to the dataset folder {root}; "
+                        "restore the index or rebuild the dataset")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts:
+        raise DataError(f"{where} is {name!r}, which leads outside the dataset folder {root}: index entries must be "
+                        "relative names inside it; restore the index or rebuild the dataset")
+    if "://" in str(root):
+        return str(root).rstrip("/") + "/" + name
+    base = Path(root).resolve()
+    path = Path(root) / name
+    if not path.resolve().is_relative_to(base):
+        raise DataError(f"{where} is {name!r}, a link to {path.resolve()} outside the dataset folder {root}: index "
+                        "entries must be files inside it; replace the link with the file or rebuild the dataset")
+    return str(path)
+
+
+def check_file(path: str | Path, what: str, max_bytes: int) -> int:
+    """Check, before reading, that ``path`` is a regular file (not a FIFO, device or link to one) of at most
+    ``max_bytes`` bytes; returns its size.
+
+    Raises:
+        MissingInputError: ``path`` does not exist.
+        DataError: it is not a regular file, or is larger than the format allows.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise MissingInputError(f"{what} {path} not found") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{what} {path} is not a regular file (a device, pipe or folder, or a link to one): replace "
+                        "it with the file itself")
+    if info.st_size > max_bytes:
+        raise DataError(f"{what} {path} has {info.st_size} bytes, more than the {max_bytes} this format allows: "
+                        "the file is corrupt or not what its name says")
+    return int(info.st_size)
 
 
 # ---------------------------------------------------------------------------------------------- tag features
@@ -156,6 +221,74 @@ def graph_tensors(graph: HeteroData) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_graph_arrays(arrays: Mapping[str, np.ndarray], where: str, vocab_size: int | None = None) -> None:
+    """Check the flat stored-graph arrays of one graph (the :func:`graph_tensors` keys, flattened) before decoding.
+
+    Cheap vectorised checks: every key is present with a plausible dtype and size, ``pos``, ``x``, ``tag_weight``
+    and ``bbox`` are finite, ``tag_count`` is non-negative and sums to the number of ``tag_ids``, tag ids lie in
+    ``[0, vocab_size)``, edge indices lie inside their node types and relation codes inside their edge type's
+    relations.
+
+    Args:
+        arrays: the flat arrays.
+        where: the file and sample, for messages.
+        vocab_size: the number of tag strings (ids are checked against it when given).
+
+    Raises:
+        DataError: the first inconsistency found, naming ``where`` and the key.
+    """
+    def fail(key: str, problem: str) -> DataError:
+        return DataError(f"{where}: stored graph column {key!r} {problem}; the file is corrupt: rebuild it")
+
+    def get(key: str, kind: str) -> np.ndarray:
+        if key not in arrays:
+            raise fail(key, "is missing")
+        value = np.asarray(arrays[key]).reshape(-1)
+        if value.dtype.kind not in kind:
+            raise fail(key, f"has dtype {value.dtype}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise fail(key, f"holds NaN or infinite values (first at element {int(np.argmin(np.isfinite(value)))})")
+        return value
+
+    counts = {}
+    for t in NODE_TYPES:
+        pos = get(f"{t}.pos", "f")
+        if pos.size % (2 * NUM_ANCHORS[t]):
+            raise fail(f"{t}.pos", f"has {pos.size} values, not a multiple of {2 * NUM_ANCHORS[t]}")
+        n = counts[t] = pos.size // (2 * NUM_ANCHORS[t])
+        if f"{t}.tag_ids" in arrays:
+            ids, count = get(f"{t}.tag_ids", "iu"), get(f"{t}.tag_count", "iu")
+            weight = get(f"{t}.tag_weight", "f")
+            if count.size != n or (count < 0).any() or int(count.sum()) != ids.size or weight.size != ids.size:
+                raise fail(f"{t}.tag_count", f"does not match {n} nodes with {ids.size} tag ids and {weight.size} "
+                           "weights")
+            if ids.size and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+                raise fail(f"{t}.tag_ids", f"holds ids from {int(ids.min())} to {int(ids.max())}, outside the "
+                           f"vocabulary of {vocab_size} tag strings")
+        else:
+            x = get(f"{t}.x", "f")
+            if (x.size % n) if n else x.size:
+                raise fail(f"{t}.x", f"has {x.size} values for {n} nodes")
+    for edge_type in EDGE_TYPES:
+        name = edge_type_name(edge_type)
+        if f"{name}.edge_index" not in arrays and edge_type in REVERSE_EDGE_TYPE:
+            continue  # rebuilt from its reverse, checked there
+        edges, relation = get(f"{name}.edge_index", "iu"), get(f"{name}.relation", "iu")
+        src, _, dst = edge_type
+        if edges.size % 2 or relation.size != edges.size // 2:
+            raise fail(f"{name}.edge_index", f"has {edges.size} values for {relation.size} relation codes")
+        pairs = edges.reshape(2, -1)
+        if pairs.size and (int(pairs.min()) < 0 or int(pairs[0].max()) >= counts[src]
+                           or int(pairs[1].max()) >= counts[dst]):
+            raise fail(f"{name}.edge_index", f"refers to nodes outside the {counts[src]} {src} and {counts[dst]} "
+                       f"{dst} nodes")
+        if relation.size and int(relation.max()) >= len(RELATIONS[edge_type]):
+            raise fail(f"{name}.relation", f"holds code {int(relation.max())}, {edge_type} has "
+                       f"{len(RELATIONS[edge_type])} relations")
+    if get("bbox", "f").size != 4:
+        raise fail("bbox", "does not hold 4 values")
+
+
 def graph_from_tensors(tensors: Mapping[str, torch.Tensor | np.ndarray], crs: str,
                        table: torch.Tensor | None = None) -> HeteroData:
     """Rebuild a graph from the (flattened) tensors of :func:`graph_tensors`.
@@ -245,11 +378,18 @@ def load_graph(path: str | Path, table: torch.Tensor | None = None) -> HeteroDat
     """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT_VERSION:
-            raise DataError(f"{path} is not a geolink graph file (format {metadata.get('format')!r})")
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    check_file(path, "graph file", MAX_GRAPH_BYTES)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT_VERSION:
+                raise DataError(f"{path} is not a geolink graph file (format {metadata.get('format')!r})")
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except DataError:
+        raise
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"graph file {path} is not a readable safetensors file ({err}): rebuild it") from None
+    check_graph_arrays(tensors, f"graph file {path}")
     graph = graph_from_tensors(tensors, metadata.get("crs", "EPSG:4326"))
     if table is not None and f"{NODE_TYPES[0]}.tag_ids" in tensors:
         materialize_x(graph, table)
@@ -285,7 +425,24 @@ def load_table(folder: str | Path, name: str = "vocab") -> torch.Tensor:
     from safetensors.torch import load_file
 
     path = Path(folder) / f"{name}.safetensors"
-    if not path.is_file():
+    if not path.exists():
         raise MissingInputError(f"{path} not found: build the folder with text_model, or pass tag_encoder= to "
                                 "GraphFolder to embed the vocabulary now")
-    return load_file(str(path))["embeddings"]
+    check_file(path, "embedding table", MAX_TABLE_BYTES)
+    try:
+        table = load_file(str(path))["embeddings"]
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"embedding table {path} is not a readable safetensors file ({err}): rebuild it") from None
+    return check_table(table, str(path))
+
+
+def check_table(table: torch.Tensor, where: str) -> torch.Tensor:
+    """``table`` if it is a finite ``[V, D]`` embedding table; raises :class:`DataError` naming ``where`` and the
+    first non-finite row otherwise."""
+    if table.ndim != 2:
+        raise DataError(f"embedding table {where} has shape {list(table.shape)}, not [V, D]: rebuild it")
+    finite = torch.isfinite(table).all(1)
+    if not bool(finite.all()):
+        raise DataError(f"embedding table {where} has NaN or infinite values in row {int((~finite).nonzero()[0])}: "
+                        "rebuild it with the text model")
+    return table

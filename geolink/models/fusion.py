@@ -27,9 +27,9 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import NODE_TYPES
+from geolink.graph.schema import NODE_TYPES, validate_graph
 from geolink.hub import GeoLinkHubMixin
-from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher
+from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher, validate_images
 from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
 from geolink.models.pos_embed import anchor_embedding, sincos_grid
 
@@ -236,18 +236,28 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
             image, nodes = block(image, nodes, image_pos, node_pos, node_padding_mask)
         return image, nodes
 
-    def forward(self, images: torch.Tensor, graph: HeteroData, layers: Sequence[int] | None = None
-                ) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, graph: HeteroData, layers: Sequence[int] | None = None,
+                validate: bool = True) -> list[torch.Tensor]:
         """Multi-level maps of images fused with their OSM graphs.
 
         Args:
-            images: ``[B, C, H, W]``.
+            images: ``[B, C, H, W]`` normalised float images (shape and dtype are always checked).
             graph: a ``Batch`` of B graphs (``Batch.from_data_list``), or one ``HeteroData`` when B = 1.
             layers: block indices to return (default ``out_indices``); the last one is fused.
+            validate: also refuse non-finite pixels and check ``graph`` with
+                :func:`~geolink.graph.schema.validate_graph`; False (e.g. in a training loop over checked data)
+                skips these reductions.
 
         Returns:
             ``len(layers)`` maps ``[B, D, H/p, W/p]``, the last ``[B, fusion_dim, H/p, W/p]``.
+
+        Raises:
+            InputError: naming the bad input (unbatched or integer images, an empty batch, a graph missing a node
+                type, wrong anchors, ``pos`` outside [0, 1], NaN pixels, ``x`` or ``pos``).
         """
+        validate_images(images, self.image_encoder.in_chans, check_finite=validate)
+        if validate:
+            validate_graph(graph, self.osm_encoder.text_dim)
         indices = self.image_encoder.resolve_indices(layers) if layers is not None else self.out_indices
         batch_dict, num_graphs = graph_batch_vectors(graph)
         if num_graphs != images.shape[0]:

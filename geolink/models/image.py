@@ -29,6 +29,34 @@ from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
 TRUNK_PREFIX = "trunk."
 
 
+def validate_images(images: torch.Tensor, in_chans: int, check_finite: bool = True) -> None:
+    """Check a model input batch; raise :class:`~geolink.errors.InputError` naming the problem and the fix.
+
+    The shape and dtype checks read only metadata (free); ``check_finite`` adds one reduction over the pixels.
+
+    Args:
+        images: should be ``[B, C, H, W]``, B > 0, floating point (normalised), finite.
+        in_chans: the model's band count ``C``.
+        check_finite: also refuse NaN or infinite pixels.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor [B, C, H, W], got {type(images).__name__}")
+    if images.dim() == 3:
+        raise InputError(f"images has shape {tuple(images.shape)}, one unbatched image; the model takes a batch "
+                         "[B, C, H, W]: add a batch axis with images.unsqueeze(0)")
+    if images.dim() != 4:
+        raise InputError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise InputError(f"images is an empty batch {tuple(images.shape)}; pass at least one image")
+    if images.shape[1] != in_chans:
+        raise InputError(f"image encoder expects {in_chans} bands, got images of shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise InputError(f"images are {images.dtype}, the model takes normalised float images: apply "
+                         "geolink.runtime.normalise(images) (uint8 is scaled by 1/255) or the model's Preprocess")
+    if check_finite and not bool(torch.isfinite(images).all()):
+        raise InputError("images have NaN or infinite pixels; fix or drop those images")
+
+
 class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
     """GeoLink ViT image encoder (timm trunk, fixed sin-cos positions).
 
@@ -84,9 +112,8 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
         Returns:
             ``([B, L, D], (H/p, W/p))`` with ``L = H/p · W/p`` in row-major order.
         """
-        batch, channels, height, width = images.shape
-        if channels != self.in_chans:
-            raise InputError(f"image encoder expects {self.in_chans} bands, got images of shape {tuple(images.shape)}")
+        validate_images(images, self.in_chans, check_finite=False)
+        height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise InputError(f"image size {height}×{width} is not a multiple of the patch size {self.patch_size}; "
                              "resize or crop the input")
@@ -145,8 +172,15 @@ class GeoLinkImageEncoder(nn.Module, GeoLinkHubMixin):
         tokens, _ = self.embed(images, ids_keep)
         return self.run_blocks(tokens)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`forward_features`."""
+    def forward(self, images: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Same as :meth:`forward_features`, after checking that the pixels are finite.
+
+        Args:
+            images: ``[B, C, H, W]`` normalised float images (shape and dtype are always checked).
+            validate: refuse NaN or infinite pixels (:func:`validate_images`); False skips that one reduction.
+        """
+        if validate:
+            validate_images(images, self.in_chans)
         return self.forward_features(images)
 
     def forward_intermediates(

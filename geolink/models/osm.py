@@ -18,7 +18,7 @@ from torch_geometric.data import HeteroData
 from torch_geometric.nn import GATConv, Set2Set
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType, edge_type_name
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType, edge_type_name, validate_graph
 from geolink.hub import GeoLinkHubMixin
 
 TYPE_WEIGHTINGS = ("sum", "softmax")
@@ -51,6 +51,8 @@ class GraphLayerNorm(nn.Module):
 def graph_batch_vectors(graph: HeteroData) -> tuple[dict[str, torch.Tensor], int]:
     """The graph index of every node per type, and the number of graphs (1 for a plain ``HeteroData``)."""
     num_graphs = int(getattr(graph, "num_graphs", 1))
+    if num_graphs == 0:
+        raise InputError("graph is an empty batch (0 graphs); pass at least one graph")
     batch_dict = {}
     for node_type in NODE_TYPES:
         store = graph[node_type]
@@ -139,19 +141,30 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # a graph with no nodes at all gets zeros
         return (weights.unsqueeze(-1) * embeddings).sum(dim=1)
 
-    def forward(self, graph: HeteroData) -> dict[str, torch.Tensor]:
-        """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings."""
+    def forward(self, graph: HeteroData, validate: bool = True) -> dict[str, torch.Tensor]:
+        """``graph`` (``HeteroData`` or ``Batch``) -> ``{type: [N_t, osm_dim]}`` node embeddings.
+
+        Args:
+            graph: the graph batch.
+            validate: check it with :func:`~geolink.graph.schema.validate_graph` first (all node and edge types,
+                shapes, anchors per type, finite ``x`` and ``pos``, ``pos`` in [0, 1]); False skips the check.
+        """
+        if validate:
+            validate_graph(graph, self.text_dim)
         return self.node_embeddings(graph, *graph_batch_vectors(graph))
 
-    def encode(self, graph: HeteroData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def encode(self, graph: HeteroData, validate: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Node and region embeddings of a graph batch in one pass.
 
         Args:
             graph: ``HeteroData`` (one graph) or ``Batch`` of B graphs; its ``x`` is read, never modified.
+            validate: check it with :func:`~geolink.graph.schema.validate_graph` first; False skips the check.
 
         Returns:
             ``({type: [N_t, osm_dim]}, [B, osm_dim])``.
         """
+        if validate:
+            validate_graph(graph, self.text_dim)
         batch_dict, num_graphs = graph_batch_vectors(graph)
         nodes = self.node_embeddings(graph, batch_dict, num_graphs)
         return nodes, self.readout_region(nodes, batch_dict, num_graphs)

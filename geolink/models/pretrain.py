@@ -34,10 +34,10 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import NODE_TYPES
+from geolink.graph.schema import NODE_TYPES, validate_graph
 from geolink.hub import GeoLinkHubMixin
 from geolink.models.fusion import GeoLinkFusionEncoder, pack_nodes
-from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher
+from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher, validate_images
 from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
 from geolink.models.pos_embed import sincos_grid
 
@@ -370,20 +370,25 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, graph: HeteroData, sample_seeds: torch.Tensor | None = None,
-                cross_rank: CrossRank | None = None) -> dict[str, torch.Tensor]:
+                cross_rank: CrossRank | None = None, validate: bool = True) -> dict[str, torch.Tensor]:
         """One pretraining step's forward pass.
 
         Args:
-            images: ``[B, C, H, W]``.
+            images: ``[B, C, H, W]`` normalised float images (shape and dtype are always checked).
             graph: ``Batch`` of B graphs.
             sample_seeds: int64 ``[B]``; when given, every mask is a function of its sample's seed alone.
             cross_rank: collectives for data parallelism (global contrastive negatives, global node-loss mean).
+            validate: also refuse non-finite pixels and check ``graph`` with
+                :func:`~geolink.graph.schema.validate_graph`; False skips these reductions.
 
         Returns:
             ``loss`` (weighted total), ``loss_mae``, ``loss_contrastive``, ``loss_consistency``, and for inspection
             ``pred`` ``[B, L, p·p·C]``, ``mask`` ``[B, L]``, ``node_mask`` (``{type: [N_t]}``), ``node_pred`` /
             ``node_target`` ``[M, text_dim]``, ``image_embedding`` / ``region_embedding`` ``[B, projection_dim]``.
         """
+        validate_images(images, self.image_encoder.in_chans, check_finite=validate)
+        if validate:
+            validate_graph(graph, self.osm_encoder.text_dim)
         batch_dict, num_graphs = graph_batch_vectors(graph)
         if num_graphs != images.shape[0]:
             raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
@@ -392,7 +397,7 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         loss_mae = self.forward_loss(images, pred, mask)
 
         masked_x, node_mask = self.mask_nodes(graph, batch_dict, sample_seeds)
-        node_embeddings, region = self.osm_encoder.encode(with_node_features(graph, masked_x))
+        node_embeddings, region = self.osm_encoder.encode(with_node_features(graph, masked_x), validate=False)
         image_embedding = self.image_projection(latent[:, 1:].mean(dim=1))
         region_embedding = self.region_projection(region)
         loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding, cross_rank)

@@ -7,7 +7,8 @@ process's torch RNG states). :func:`write_checkpoint` writes it under a temporar
 a run killed at any moment leaves either the previous checkpoint or the new one, never a half-written one:
 
 - pretraining (:func:`save_checkpoint`) keeps ``checkpoints/step_00000100/`` folders and a ``checkpoints/latest``
-  pointer replaced atomically (:func:`latest_checkpoint`);
+  pointer replaced atomically (:func:`latest_checkpoint`); a resume tries them newest first
+  (:func:`complete_checkpoints`), so a damaged latest one falls back to the previous one;
 - fine-tuning (``geolink.finetune``) rewrites fixed folders (``last/``, ``best/``): the previous one is moved aside
   before the new one is renamed in, and :func:`find_checkpoint` falls back to it if a kill came in between.
 
@@ -22,8 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
+
+from geolink.errors import DataError
 
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -142,11 +146,29 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
         pointer = folder / f".{LATEST}.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, folder / LATEST)
-        for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
+        # the newest ``keep`` of this run by step; folders of later steps (a damaged checkpoint a resume fell back
+        # from) are left alone: this run replaces them when it gets there
+        for old in [p for p in _step_folders(folder) if _step_of(p) <= step][keep:]:
             shutil.rmtree(old, ignore_errors=True)
     if world_size > 1:
         torch.distributed.barrier()
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def _step_folders(folder: Path) -> list[Path]:
+    """The ``step_<n>`` folders of ``folder``, newest step first."""
+    folders = [p for p in folder.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    return sorted(folders, key=_step_of, reverse=True)
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """The pretraining checkpoints in ``folder`` that were completely written (they have ``state.json``, which
+    :func:`write_checkpoint` writes last), newest step first: what a resume tries, in order."""
+    return [p for p in _step_folders(Path(folder)) if (p / STATE_NAME).is_file()]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -169,23 +191,78 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     load_state_dict_checked(model, safetensors.torch.load_file(str(weights)), source=str(weights))
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int = 0
-                    ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG states from ``path`` (weights only when ``optimizer`` is None);
-    returns ``state.json``."""
+def read_checkpoint(path: str | Path, optimizer: bool = True, rank: int = 0) -> dict[str, Any]:
+    """Read every file of the checkpoint ``path`` that a resume needs, changing nothing.
+
+    Args:
+        path: a checkpoint folder written by :func:`write_checkpoint`.
+        optimizer: also read the optimizer state and this rank's RNG states.
+        rank: whose RNG states to read.
+
+    Returns:
+        ``state`` (``state.json``), ``weights`` and, with ``optimizer``, ``optimizer`` (a state dict) and ``rng``
+        (None when the checkpoint has no RNG file for ``rank``).
+
+    Raises:
+        DataError: a file is missing, truncated or corrupt (a kill or a full disk while it was copied); the message
+            names it.
+    """
     path = Path(path)
-    state = json.loads((path / STATE_NAME).read_text())
-    load_weights(path, model)
+    current = path / STATE_NAME
+    try:
+        content: dict[str, Any] = {"state": json.loads(current.read_text())}
+        if not isinstance(content["state"], dict):
+            raise ValueError("not a JSON object")
+        current = path / WEIGHTS_NAME
+        content["weights"] = safetensors.torch.load_file(str(current))
+        if optimizer:
+            current = path / "optimizer.json"
+            structure = json.loads(current.read_text())
+            current = path / "optimizer.safetensors"
+            content["optimizer"] = _unflatten_optimizer(safetensors.torch.load_file(str(current)), structure)
+            current = path / f"rng_rank{rank}.safetensors"
+            content["rng"] = safetensors.torch.load_file(str(current)) if current.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, safetensors.SafetensorError) as error:
+        raise DataError(f"checkpoint {path} is damaged: {current.name} cannot be read ({type(error).__name__}: "
+                        f"{error}); resume from an earlier checkpoint or restore the folder") from error
+    return content
+
+
+def apply_checkpoint(content: dict[str, Any], path: str | Path, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load what :func:`read_checkpoint` read from ``path`` into ``model``, ``optimizer`` and the RNGs (weights only
+    when ``optimizer`` is None); returns ``state.json``.
+
+    Raises:
+        ConfigError: the weights belong to another architecture (strict load, naming the keys).
+        DataError: the optimizer state does not fit the optimizer.
+    """
+    from geolink.hub import load_state_dict_checked
+
+    path = Path(path)
+    load_state_dict_checked(model, content["weights"], source=str(path / WEIGHTS_NAME))
     if optimizer is None:
-        return state
-    structure = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(safetensors.torch.load_file(str(path / "optimizer.safetensors")),
-                                                   structure))
-    rng_file = path / f"rng_rank{rank}.safetensors"
-    if rng_file.is_file():
-        rng = safetensors.torch.load_file(str(rng_file))
+        return content["state"]
+    try:
+        optimizer.load_state_dict(content["optimizer"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"checkpoint {path} is damaged: optimizer.json does not fit the optimizer ({error}); resume "
+                        "from an earlier checkpoint or restore the folder") from error
+    rng = content.get("rng")
+    if rng is not None:
         torch.set_rng_state(rng["cpu"])
         cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
-    return state
+    return content["state"]
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int = 0
+                    ) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG states from ``path`` (weights only when ``optimizer`` is None);
+    returns ``state.json``. Every file is read before anything is changed.
+
+    Raises:
+        DataError: a file of the checkpoint is missing, truncated or corrupt (see :func:`read_checkpoint`).
+    """
+    return apply_checkpoint(read_checkpoint(path, optimizer is not None, rank), path, model, optimizer)

@@ -46,7 +46,9 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     log_every: int = option(10, "progress-bar refresh period in steps (metrics.jsonl gets every step)")
     seed: int = option(0, "seed of the model init, data order and masks")
-    resume: bool = option(False, "continue from the latest checkpoint in the output folder")
+    resume: bool = option(False, "continue the run in the output folder from its latest complete checkpoint")
+    overwrite: bool = option(False, "start again in an output folder that holds a run: the old run is moved to "
+                                    "<out>/previous-<n>/, never deleted")
     num_workers: int = option(0, "data-loading worker processes per rank")
     device: str = option("auto", "cpu, cuda, or auto")
     compile: bool = option(False, "torch.compile the model")
@@ -64,6 +66,9 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "base_lr", "min_lr", "weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative; got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=True and overwrite=True contradict each other: pass resume=True to continue the "
+                              f"run in {self.out}, or overwrite=True to move it aside and start again")
         if self.warmup_steps >= self.max_steps:
             warnings.warn(f"warmup_steps={self.warmup_steps} is not below max_steps={self.max_steps}: the learning "
                           "rate would rise for the whole run and its cosine decay from the peak (base_lr × "
@@ -88,6 +93,6 @@ class TrainConfig:
                 for key, value in asdict(self).items()}
 
 
-# fields that may differ between a run and its resumption
-RESUMABLE_CHANGES = frozenset({"max_steps", "save_every", "keep_checkpoints", "log_every", "resume", "num_workers",
+# fields that may differ between a run and its resumption; not max_steps: it sets the cosine schedule of every step
+RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "log_every", "resume", "overwrite", "num_workers",
                                "tensorboard", "push_to_hub", "out"})

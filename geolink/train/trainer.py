@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from geolink.data.folders import OfficialPairFolder
 from geolink.data.pairs import PairShards, collate_pairs
-from geolink.errors import ConfigError, MissingDependencyError, MissingInputError
+from geolink.errors import ConfigError, DataError, MissingDependencyError, MissingInputError
 from geolink.registry import create_model, nest_overrides
 from geolink.runtime import (
     SAMPLE_SEED_STRIDE,
@@ -37,7 +39,7 @@ from geolink.runtime import (
     rank_seed,
     resolve_precision,
 )
-from geolink.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from geolink.train.checkpoint import apply_checkpoint, complete_checkpoints, read_checkpoint, save_checkpoint
 from geolink.train.config import RESUMABLE_CHANGES, TrainConfig
 from geolink.train.distributed import (
     DistributedContext,
@@ -135,24 +137,87 @@ def check_finite(out: dict[str, torch.Tensor], step: int, positions: torch.Tenso
                                  "learning rate, use bf16 instead of fp16, or check those samples.")
 
 
-def resume_state(config: TrainConfig, model, optimizer, scaler, context) -> int:
-    """Load the latest checkpoint of ``config.out`` when resuming; returns the step to start from.
+# what a run writes into its out folder; ``overwrite`` moves these aside
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final", "tensorboard")
+
+
+def prepare_run_folder(config: TrainConfig, context: DistributedContext) -> None:
+    """Never reuse a run folder silently: one that holds a run needs ``resume`` (continue it) or ``overwrite`` (move
+    it to ``<out>/previous-<n>/`` and start again).
 
     Raises:
-        ConfigError: the checkpoint belongs to a run with other settings (see ``RESUMABLE_CHANGES``).
+        ConfigError: ``config.out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
     """
-    checkpoint = latest_checkpoint(config.out / "checkpoints") if config.resume else None
-    if checkpoint is None:
-        return 0
-    state = load_checkpoint(checkpoint, model, optimizer, context.rank)
+    existing = [name for name in RUN_ENTRIES if (config.out / name).exists()]
+    if context.enabled:
+        torch.distributed.barrier()  # every rank has looked before rank 0 moves anything
+    if not existing or config.resume:
+        return
+    if not config.overwrite:
+        raise ConfigError(f"out folder {config.out} already holds a run ({', '.join(existing)}); pass resume=True to "
+                          "continue it, or overwrite=True to start again (the old run is moved to "
+                          f"{config.out}/previous-<n>/), or choose another out folder")
+    if context.is_main:
+        taken = [int(p.name.removeprefix("previous-")) for p in config.out.glob("previous-*")
+                 if p.name.removeprefix("previous-").isdigit()]
+        aside = config.out / f"previous-{max(taken, default=0) + 1}"
+        aside.mkdir()
+        for name in existing:
+            os.replace(config.out / name, aside / name)
+        warnings.warn(f"overwrite=True: the previous run in {config.out} was moved to {aside}", UserWarning,
+                      stacklevel=2)
+    if context.enabled:
+        torch.distributed.barrier()
+
+
+def check_same_run(checkpoint: Path, state: dict, config: TrainConfig, context: DistributedContext) -> None:
+    """Refuse to resume the run saved in ``checkpoint`` with settings that shape the run differently.
+
+    Raises:
+        ConfigError: a setting outside ``RESUMABLE_CHANGES`` or the world size differs.
+    """
     saved, current = state["config"], config.to_dict()
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed or state["world_size"] != context.world_size:
+        hint = (f"; max_steps sets the cosine learning-rate schedule of every step, so a resumed run keeps it "
+                f"(resume with max_steps={saved.get('max_steps')}); to train longer, start a new run with "
+                "overwrite=True or another out folder" if "max_steps" in changed else "")
         raise ConfigError(f"resume from {checkpoint} with a different run: {changed or 'world size'} changed "
-                          f"(saved {[saved.get(k) for k in changed] or state['world_size']}); "
+                          f"(saved {[saved.get(k) for k in changed] or state['world_size']}){hint}; "
                           "use a new out folder for a different run")
-    scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+
+
+def resume_state(config: TrainConfig, model, optimizer, scaler, context) -> int:
+    """Load the newest complete, readable checkpoint of ``config.out`` when resuming; returns the step to start
+    from. A damaged checkpoint (truncated weights, corrupt optimizer state) is skipped with a warning naming it.
+
+    Raises:
+        ConfigError: the checkpoint belongs to a run with other settings (see ``RESUMABLE_CHANGES``).
+        DataError: there are checkpoints but none is readable.
+    """
+    folder = config.out / "checkpoints"
+    damaged = []
+    for checkpoint in complete_checkpoints(folder) if config.resume else []:
+        try:
+            content, problem = read_checkpoint(checkpoint, optimizer=True, rank=context.rank), None
+        except DataError as error:
+            content, problem = None, error
+        readable = torch.tensor([float(problem is None)], device=context.device)
+        if all_mean(readable, context).item() < 1:  # every rank resumes from the same checkpoint
+            warnings.warn(f"{problem or f'checkpoint {checkpoint} is damaged on another rank'}; trying the previous "
+                          "checkpoint", UserWarning, stacklevel=2)
+            damaged.append(checkpoint.name)
+            continue
+        check_same_run(checkpoint, content["state"], config, context)
+        state = apply_checkpoint(content, checkpoint, model, optimizer)
+        scaler.load_state_dict(state["scaler"])
+        if damaged:
+            warnings.warn(f"resuming from {checkpoint} (damaged: {', '.join(damaged)})", UserWarning, stacklevel=2)
+        return int(state["step"])
+    if damaged:
+        raise DataError(f"no checkpoint in {folder} can be read (damaged: {', '.join(damaged)}); restore one, or "
+                        "start again with overwrite=True instead of resume=True (the old run is moved aside)")
+    return 0
 
 
 def tensorboard_writer(run_dir: Path):
@@ -166,17 +231,38 @@ def tensorboard_writer(run_dir: Path):
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric records after ``step`` (steps a killed run logged after its last checkpoint are redone)."""
+    """Drop metric records after ``step`` (steps a killed run logged after its last checkpoint are redone), and a
+    torn last line (a kill in the middle of a write); the file is replaced atomically.
+
+    Raises:
+        DataError: a line other than the last is not a JSON record.
+    """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            if number < len(lines):
+                raise DataError(f"{path} line {number} is not a JSON record; repair or delete that line, then "
+                                "resume again") from None
+            warnings.warn(f"{path}: dropped a torn last line (a write cut short by a kill)", UserWarning,
+                          stacklevel=2)
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            kept.append(line)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
 
 
 def train(config: TrainConfig) -> Path:
     """Run (or resume) pretraining; returns the folder of the final ``save_pretrained`` model."""
     context = init_distributed(config.device)
     run_dir = config.out
+    prepare_run_folder(config, context)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = create_model(config.arch, **nest_overrides(config.overrides)).to(context.device).train()
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=0.0, betas=(0.9, 0.95))
@@ -209,8 +295,9 @@ def train(config: TrainConfig) -> Path:
             images, graphs = images.to(context.device, non_blocking=True), graphs.to(context.device)
             sync = engine.no_sync() if context.enabled and micro < config.accum_steps - 1 else nullcontext()
             with sync, autocast(context.device, dtype):
+                # the datasets validate what they decode, so the step skips the models' input checks (host syncs)
                 out = engine(images, graphs, sample_seeds=positions + config.seed * SAMPLE_SEED_STRIDE,
-                             cross_rank=cross_rank)
+                             cross_rank=cross_rank, validate=False)
             check_finite(out, step, positions, context, data)
             with sync:
                 scaler.scale(out["loss"] / config.accum_steps).backward()
