@@ -9,6 +9,7 @@ Run from the repository root (a few minutes on a laptop CPU)::
 
     python examples/make_demo_model.py                     # writes runs/demo/ and geolink/assets/geolink_tiny_demo/
     python examples/make_demo_model.py --resume            # after an interruption: continues exactly (same result)
+    python examples/make_demo_model.py --overwrite         # again from scratch (the old run is moved aside)
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="training output folder")
     parser.add_argument("--out", type=Path, default=EXPORT, help="export folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of --run-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in a --run-dir that holds a run (the old run is moved to previous-<n>/)")
     args = parser.parse_args()
-    run(TrainConfig(out=args.run_dir, resume=args.resume, **RUN))
+    run(TrainConfig(out=args.run_dir, resume=args.resume, overwrite=args.overwrite, **RUN))
     records = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines() if line]
     minutes = sum(RUN["batch_size"] / record["samples_per_s"] for record in records) / 60
     summary = loss_summary(records)
