@@ -13,11 +13,11 @@ linked from the README of :data:`OFFICIAL_REPOSITORY`).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,8 @@ _FUSION_BLOCK_MAP = {
 # official tensors that geolink recomputes or that the official model never used
 _DROPPED = ("img_encoder.cls_token", "img_encoder.pos_embed", "img_encoder.norm.", "patch_embed.",
             "rec_img_pos_embed", "fusion_img_pos_embed")
+
+logger = logging.getLogger(__name__)
 
 
 class OfficialCheckpointError(InputError):
@@ -310,7 +312,7 @@ def converted_folder(checkpoint: str | Path) -> Path:
         try:
             _save_converted(model, staging, path)
             staging.rename(folder)
-            print(f"converted {path} into {folder} (once: later calls load the cached folder)", file=sys.stderr)
+            logger.info("converted %s into %s (once: later calls load the cached folder)", path, folder)
         except OSError:
             if not folder.is_dir():  # not another process having won the race: a real error
                 raise

@@ -346,9 +346,9 @@ class _Crop(JointTransform):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.fill = fill
 
+    @abstractmethod
     def origin(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int]:
         """``(top, left)`` of the crop in an image of ``height × width``."""
-        raise NotImplementedError
 
     def __call__(self, image: torch.Tensor, target: Target = None, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, Target]:
