@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import pytest
@@ -176,7 +177,9 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_pretrained_official_pth_is_converted_once_then_loaded_from_the_cache(parity_dir, cache, monkeypatch, capsys):
+def test_pretrained_official_pth_is_converted_once_then_loaded_from_the_cache(parity_dir, cache, monkeypatch, capsys,
+                                                                            caplog):
+    caplog.set_level(logging.INFO, logger="geolink.convert")
     multimodal = parity_dir / "geolink_multimodal_official_format.pth"
     fusion = geolink.create_model("geolink_tiny", pretrained=multimodal, component="fusion")
     assert isinstance(fusion, GeoLinkFusionEncoder)
@@ -185,17 +188,18 @@ def test_pretrained_official_pth_is_converted_once_then_loaded_from_the_cache(pa
     assert all(torch.equal(fusion.state_dict()[key], tensor) for key, tensor in expected.items())
     digest = hashlib.sha256(multimodal.read_bytes()).hexdigest()
     assert [p.name for p in (cache / "converted").iterdir()] == [digest]  # no staging folder left behind
-    assert f"into {cache / 'converted' / digest}" in capsys.readouterr().err
+    assert f"into {cache / 'converted' / digest}" in caplog.text  # the one conversion is logged
     image_file = parity_dir / "geolink_vit_official_format.pth"
     from geolink.eval.encoders import load_encoder  # what `--model <file.pth>` of eval / finetune / examples uses
 
     assert isinstance(load_encoder(str(image_file)).model, GeoLinkImageEncoder)
     capsys.readouterr()
+    caplog.clear()
     monkeypatch.setattr(convert_module, "load_official_checkpoint", lambda path: pytest.fail("converted again"))
     again = geolink.load_model(str(multimodal), component="fusion")
     assert all(torch.equal(again.state_dict()[key], tensor) for key, tensor in expected.items())
     assert isinstance(geolink.load_model(image_file), GeoLinkImageEncoder)
-    assert capsys.readouterr().err == ""  # loaded from the cache, silently
+    assert capsys.readouterr().err == "" and "converted" not in caplog.text  # loaded from the cache, silently
     assert len(list((cache / "converted").iterdir())) == 2
 
 
