@@ -179,10 +179,42 @@ def _load_text_model(name: str, revision: str | None, label: str) -> tuple[torch
             from transformers import CLIPTextModel, SiglipTextModel
 
             text_cls = SiglipTextModel if config.model_type == "siglip" else CLIPTextModel
-            model = text_cls.from_pretrained(name, **kwargs)
+            model, info = text_cls.from_pretrained(name, output_loading_info=True, **kwargs)
         else:
-            model = AutoModel.from_pretrained(name, **kwargs)
+            model, info = AutoModel.from_pretrained(name, output_loading_info=True, **kwargs)
+    _check_loaded_weights(model, info, label if not local or name in label else f"{label} (folder {name})")
     return model, tokenizer
+
+
+def _check_loaded_weights(model: torch.nn.Module, info: dict, label: str) -> None:
+    """Refuse a text model whose weight file does not match its config (transformers would randomly initialise the
+    missing tensors and carry on).
+
+    Missing or shape-mismatched tensors are always an error. Unexpected tensors are an error when they sit inside one
+    of the model's own top-level modules (a renamed or extra tensor of the text model); tensors of other parts of the
+    checkpoint (a CLIP checkpoint's vision tower, a masked-LM head) are what loading the text part alone leaves out.
+
+    Args:
+        model: the loaded model.
+        info: transformers' loading info (``output_loading_info=True``).
+        label: how the user named the model, for the message.
+
+    Raises:
+        MissingWeightsError: naming the model and the first offending tensors.
+    """
+    own = {key.split(".")[0] for key in model.state_dict()}
+    problems = {
+        "missing": sorted(info.get("missing_keys") or ()),
+        "of the wrong shape": sorted(str(k[0] if isinstance(k, tuple) else k)
+                                     for k in info.get("mismatched_keys") or ()),
+        "unexpected": sorted(k for k in info.get("unexpected_keys") or () if k.split(".")[0] in own),
+    }
+    found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for kind, keys in problems.items() if keys]
+    if found:
+        raise MissingWeightsError(f"text model {label}: its weights do not match its config.json: "
+                                  f"{'; '.join(found)} tensors; the folder is incomplete or from another model, "
+                                  "re-download or re-save it")
 
 
 class TagEncoder:

