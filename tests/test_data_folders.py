@@ -60,3 +60,25 @@ def test_fifos_and_devices_are_refused_quickly(folder, name):
     (folder / name).symlink_to("/dev/zero")
     with within(20), pytest.raises(DataError, match=f"{name}.*(is not a regular file|a link to /dev/zero outside)"):
         GraphFolder(folder)[0]
+
+
+def test_a_torn_last_index_line_is_skipped_with_a_warning(folder):
+    """A kill in the middle of build-graphs' append leaves a torn last line: the finished tiles still read."""
+    index = folder / "index.jsonl"
+    whole = index.read_text()
+    index.write_text(whole + whole[:len(whole) // 2])
+    with pytest.warns(UserWarning, match=f"{index}: dropped a torn last line"):
+        graphs = GraphFolder(folder)
+    assert len(graphs) == 1 and graphs[0].name == "a"
+    assert index.read_text() == whole + whole[:len(whole) // 2]  # reading never writes
+
+
+def test_a_damaged_index_line_before_the_last_is_named(folder):
+    index = folder / "index.jsonl"
+    whole = index.read_text()
+    index.write_text(whole[:10] + "\n" + whole)
+    with pytest.raises(DataError, match=f"graph folder index {index} line 1 is not a JSON record;"):
+        GraphFolder(folder)
+    index.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="line 1 is not a tile record"):
+        GraphFolder(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -169,6 +170,39 @@ def test_build_graphs_cli(built_folder, minilm_encoder):
     assert len((out / "index.jsonl").read_text().splitlines()) == 6
     assert {p.name: p.read_bytes() for p in (out / "tiles").iterdir()} == before
 
+
+
+def test_build_graphs_resume_repairs_a_torn_index_line(built_folder, tmp_path, capsys):
+    """A build killed in the middle of its index append: the rerun drops the torn line with a warning naming the
+    file, rebuilds that tile and ends with the same index and tiles as the uninterrupted run."""
+    out, _, args = built_folder
+    copy = tmp_path / "graphs"
+    shutil.copytree(out, copy)
+    index = copy / "index.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    index.write_text("".join(lines[:-1]) + lines[-1][:25])
+    (copy / json.loads(lines[-1])["file"]).unlink()
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        GraphFolder(copy)
+    args = [copy if a == str(out) else a for a in args]
+    assert main([str(a) for a in args]) == 0
+    assert f"{index}: dropped a torn last line" in capsys.readouterr().err
+    assert index.read_text() == "".join(lines)
+    assert sorted(p.name for p in (copy / "tiles").iterdir()) == sorted(p.name for p in (out / "tiles").iterdir())
+    for tile in (out / "tiles").iterdir():  # the same tensors and metadata (the header's key order is not fixed)
+        (tensors, metadata), (expected, expected_metadata) = stored(copy / "tiles" / tile.name), stored(tile)
+        assert metadata == expected_metadata and tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[k], expected[k]) for k in tensors)
+    assert len(GraphFolder(copy)) == 6
+
+
+def stored(path):
+    """The tensors and the metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        return tensors, handle.metadata()
 
 def test_build_graphs_shards_and_workers(built_folder, tmp_path, minilm_encoder):
     out, pbf, _ = built_folder

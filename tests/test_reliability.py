@@ -47,3 +47,27 @@ def test_intact_text_model_folder_copy_still_loads(minilm_path, tmp_path, minilm
 
     folder = _mismatched_minilm(minilm_path, tmp_path / "minilm_copy", lambda t: None)
     torch.testing.assert_close(TagEncoder(folder).encode(["building:yes"]), minilm_encoder.encode(["building:yes"]))
+
+
+def test_read_jsonl_repairs_only_a_torn_last_line(tmp_path):
+    import json
+
+    from geolink.errors import DataError
+    from geolink.graph.storage import read_jsonl
+
+    path = tmp_path / "index.jsonl"
+    records = [{"name": "a", "n": 1}, {"name": "b", "n": 2}]
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(whole + '{"name": "c", "n')
+    with pytest.warns(UserWarning, match=f"{path}: dropped a torn last line \\(line 3 of this graph folder index"):
+        assert read_jsonl(path, "graph folder index") == records
+    assert path.read_text() == whole + '{"name": "c", "n'  # no repair asked: unchanged
+    with pytest.warns(UserWarning):
+        assert read_jsonl(path, "graph folder index", repair=True) == records
+    assert path.read_text() == whole
+    path.write_text(whole.rstrip("\n"))  # a whole record whose newline was cut off: kept, the newline restored
+    assert read_jsonl(path, "graph folder index", repair=True) == records and path.read_text() == whole
+    path.write_text("not json\n" + whole)
+    with pytest.raises(DataError, match=f"graph folder index {path} line 1 is not a JSON record;"):
+        read_jsonl(path, "graph folder index", repair=True)
+    assert path.read_text() == "not json\n" + whole

@@ -7,7 +7,6 @@ in the official graph layout, as the UFZ samples ship). The sharded pair dataset
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch_geometric.data import HeteroData
 
-from geolink.errors import MissingInputError
+from geolink.errors import DataError, MissingInputError
 from geolink.graph.official import load_official_graph
-from geolink.graph.storage import MAX_INDEX_BYTES, check_file, load_graph, load_table, materialize_x, path_inside
+from geolink.graph.storage import (
+    MAX_INDEX_BYTES,
+    check_file,
+    load_graph,
+    load_table,
+    materialize_x,
+    path_inside,
+    read_jsonl,
+)
 from geolink.graph.tags import TagVocabulary
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, normalise
 
@@ -35,21 +42,22 @@ class GraphFolder:
 
     Raises:
         MissingInputError: the folder indexes no tiles.
-        DataError: an index file is not a regular file or too large, or an entry names a file outside the folder.
+        DataError: an index file is not a regular file or too large, a line before its last is not JSON, or an entry
+            names a file outside the folder. (A torn last line, left by a killed ``build-graphs``, is skipped with a
+            warning: that tile is rebuilt when the build is resumed.)
     """
 
     def __init__(self, folder: str | Path, tag_encoder: Any = None) -> None:
         self.folder = Path(folder)
         entries: dict[str, dict[str, Any]] = {}
         for index in sorted(self.folder.glob("index*.jsonl")):
-            check_file(index, "graph folder index", MAX_INDEX_BYTES)
-            with open(index, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        entry = json.loads(line)
-                        for key, name in (("file", entry.get("file")), ("vocab", f"{entry.get('vocab')}.json")):
-                            path_inside(self.folder, name, f"{index} line {number} {key!r}")
-                        entries[entry["name"]] = entry
+            for number, entry in enumerate(read_jsonl(index, "graph folder index"), 1):
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                    raise DataError(f"graph folder index {index} line {number} is not a tile record (no 'name'): "
+                                    "restore the index or rebuild the folder with geolink build-graphs")
+                for key, name in (("file", entry.get("file")), ("vocab", f"{entry.get('vocab')}.json")):
+                    path_inside(self.folder, name, f"{index} line {number} {key!r}")
+                entries[entry["name"]] = entry
         if not entries:
             raise MissingInputError(f"no tiles indexed in {self.folder} (expected index*.jsonl): build it with "
                                     "geolink build-graphs")

@@ -10,8 +10,10 @@ kernel, ``embedding_bag`` on the CSR form: builder, stored graphs and pair shard
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import warnings
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -94,6 +96,61 @@ def check_file(path: str | Path, what: str, max_bytes: int) -> int:
         raise DataError(f"{what} {path} has {info.st_size} bytes, more than the {max_bytes} this format allows: "
                         "the file is corrupt or not what its name says")
     return int(info.st_size)
+
+
+def read_jsonl(path: str | Path, what: str, repair: bool = False) -> list[Any]:
+    """The records of a JSON-lines file that a writer appends to (``index.jsonl``, ``metrics.jsonl``), tolerating
+    the torn last line of a write cut short by a kill.
+
+    The one reader of such files. A last line that is not JSON (or lacks its newline) is what a kill in the middle of
+    an append leaves: it is dropped with a ``UserWarning`` naming the file (every record is a JSON object, so a cut
+    record never parses). With ``repair`` the file is rewritten atomically without it, so the next append starts on
+    a fresh line. A bad line before the last is not a torn write: it is named and nothing is changed.
+
+    Args:
+        path: the file (checked: a regular file within :data:`MAX_INDEX_BYTES`).
+        what: what the file is, for messages (e.g. ``"graph folder index"``).
+        repair: rewrite the file without its torn last line.
+
+    Returns:
+        The decoded lines (blank lines skipped).
+
+    Raises:
+        MissingInputError: ``path`` does not exist.
+        DataError: not a regular file, too large, or a line before the last is not JSON.
+    """
+    path = Path(path)
+    check_file(path, what, MAX_INDEX_BYTES)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (empty when the file ends with one)
+    records, kept = [], []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(complete) or tail.strip():
+                raise DataError(f"{what} {path} line {number} is not a JSON record; repair or delete that line (the "
+                                "file is damaged: only a torn last line is repaired)") from None
+            complete = complete[:number - 1]
+            tail = line
+            break
+        kept.append(line)
+    torn = bool(tail.strip())
+    if torn:
+        try:
+            records.append(json.loads(tail))
+            kept.append(tail)  # a whole record whose newline was cut off: kept, the newline restored by a repair
+        except ValueError:
+            warnings.warn(f"{path}: dropped a torn last line (line {len(complete) + 1} of this {what}, a write cut "
+                          "short by a kill)", UserWarning, stacklevel=2)
+    if torn and repair:
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(staging, path)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- tag features

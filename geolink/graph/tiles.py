@@ -34,7 +34,7 @@ from geolink.graph.readers import (
     reproject_bbox,
     require_file,
 )
-from geolink.graph.storage import load_graph, load_table, save_graph, save_vocabulary
+from geolink.graph.storage import load_graph, load_table, read_jsonl, save_graph, save_vocabulary
 from geolink.graph.tags import TagFilter, TagVocabulary
 from geolink.graph.text import POOLINGS
 
@@ -366,9 +366,9 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
     if len(set(names)) != len(names):
         raise InputError("tile names must be unique (they are the file names)")
     done = set()
-    if index_path.is_file():
-        with open(index_path, encoding="utf-8") as handle:
-            done = {json.loads(line)["name"] for line in handle if line.strip()}
+    if index_path.is_file():  # a torn last line (a killed run) is cut off, so that tile is rebuilt
+        done = {entry.get("name") for entry in read_jsonl(index_path, "graph folder index", repair=True)
+                if isinstance(entry, dict)}
     vocab_path = out / f"{vocab_name}.json"
     vocabulary = TagVocabulary.load(vocab_path) if vocab_path.is_file() else TagVocabulary()
     mine = shard.positions(len(tiles))
@@ -605,8 +605,7 @@ def merge_shards(out: str | Path, progress: bool = True) -> dict[str, Any]:
         has_table = (out / f"{vocab_name}.safetensors").is_file()
         table = load_table(out, vocab_name) if has_table else None
         tables.append(table[(mappings[vocab_name] >= before).numpy()] if table is not None else None)
-        with open(index, encoding="utf-8") as handle:
-            entries += [json.loads(line) for line in handle if line.strip()]
+        entries += read_jsonl(index, "graph folder index", repair=True)
     for entry in tqdm(entries, desc="merging shards", unit="tile", disable=not progress):
         graph = load_graph(out / entry["file"])
         mapping = mappings[entry["vocab"]]
@@ -619,6 +618,8 @@ def merge_shards(out: str | Path, progress: bool = True) -> dict[str, Any]:
     table = torch.cat(with_tables) if with_tables and len(with_tables) == len(tables) else None
     info = next(iter(infos.values()), {})
     save_vocabulary(out, merged, "vocab", table, **info)
+    if (out / "index.jsonl").is_file():
+        read_jsonl(out / "index.jsonl", "graph folder index", repair=True)  # append on a fresh line
     with open(out / "index.jsonl", "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(e) + "\n" for e in entries))
     for index in indexes:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from geolink.data.folders import OfficialPairFolder
+from geolink.data.folders import OfficialPairFolder, read_jsonl  # graph.storage's, reached through data (DESIGN §2)
 from geolink.data.pairs import PairShards, collate_pairs
 from geolink.errors import ConfigError, DataError, MissingDependencyError, MissingInputError
 from geolink.registry import create_model, nest_overrides
@@ -232,29 +232,18 @@ def tensorboard_writer(run_dir: Path):
 
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metric records after ``step`` (steps a killed run logged after its last checkpoint are redone), and a
-    torn last line (a kill in the middle of a write); the file is replaced atomically.
+    torn last line (a kill in the middle of a write, dropped with a warning by
+    :func:`~geolink.graph.storage.read_jsonl`); the file is replaced atomically.
 
     Raises:
         DataError: a line other than the last is not a JSON record.
     """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            if number < len(lines):
-                raise DataError(f"{path} line {number} is not a JSON record; repair or delete that line, then "
-                                "resume again") from None
-            warnings.warn(f"{path}: dropped a torn last line (a write cut short by a kill)", UserWarning,
-                          stacklevel=2)
-            continue
-        if isinstance(record, dict) and record.get("step", math.inf) <= step:
-            kept.append(line)
+    kept = [record for record in read_jsonl(path, "metrics")
+            if isinstance(record, dict) and record.get("step", math.inf) <= step]
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(line + "\n" for line in kept))
+    staging.write_text("".join(json.dumps(record) + "\n" for record in kept))
     os.replace(staging, path)
 
 
