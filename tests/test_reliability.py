@@ -71,3 +71,52 @@ def test_read_jsonl_repairs_only_a_torn_last_line(tmp_path):
     with pytest.raises(DataError, match=f"graph folder index {path} line 1 is not a JSON record;"):
         read_jsonl(path, "graph folder index", repair=True)
     assert path.read_text() == "not json\n" + whole
+
+
+# ------------------------------------------------------------------------------ user files that are not regular files
+
+def _bad_file(kind: str, path: Path, original: Path) -> Path:
+    """``path`` made into a FIFO, a link to /dev/zero, a file over the size limit or a truncated copy."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "oversized":
+        with open(path, "wb") as handle:
+            handle.truncate(2**40 + 1)  # sparse: no disk used
+    else:
+        path.write_bytes(original.read_bytes()[:200])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "oversized", "truncated"])
+def test_official_graph_files_are_checked_before_reading(shared, tmp_path, kind):
+    from geolink.errors import DataError
+    from geolink.graph.official import load_official_graph
+    from tests.test_data_shards import within
+
+    original = sorted(shared("official_examples", "ufz", "graph").glob("*.safetensors"))[0]
+    path = _bad_file(kind, tmp_path / original.name, original)
+    with within(10), pytest.raises(DataError, match=f"official graph {path}"):
+        load_official_graph(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "oversized"])
+@pytest.mark.parametrize("reader", ["geojson", "osm", "image", "footprints"])
+def test_input_files_are_checked_before_reading(shared, tmp_path, kind, reader):
+    from geolink.data.folders import image_to_tensor
+    from geolink.errors import DataError
+    from geolink.graph.readers import read_geojson, read_osm
+    from geolink.graph.tiles import BuildGraphsConfig, build_graphs
+    from tests.test_data_shards import within
+
+    original = shared("osm", "test.osm.pbf")
+    path = _bad_file(kind, tmp_path / {"geojson": "a.geojson", "osm": "a.osm.pbf", "image": "a.png",
+                                       "footprints": "f.json"}[reader], original)
+    read = {"geojson": read_geojson, "osm": lambda p: list(read_osm(p)), "image": image_to_tensor,
+            "footprints": lambda p: build_graphs(BuildGraphsConfig(out=tmp_path / "out", pbf=original,
+                                                                   footprints=(p,), quiet=True))}[reader]
+    with within(10), pytest.raises(DataError, match=str(path)):
+        read(path)

@@ -21,6 +21,7 @@ from geolink.errors import DataError, MissingInputError
 from geolink.graph.official import load_official_graph
 from geolink.graph.storage import (
     MAX_INDEX_BYTES,
+    MAX_INPUT_BYTES,
     check_file,
     load_graph,
     load_table,
@@ -92,6 +93,7 @@ class GraphFolder:
 def image_to_tensor(path: str | Path, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
                     ) -> torch.Tensor:
     """Read an RGB image file as a normalised float tensor ``[3, H, W]``."""
+    check_file(path, "image", MAX_INPUT_BYTES)
     with Image.open(path) as image:
         array = np.asarray(image.convert("RGB"))  # uint8 [H, W, 3]
     return normalise(torch.from_numpy(array.copy()).permute(2, 0, 1), mean, std)

@@ -15,6 +15,7 @@ from torch_geometric.data import HeteroData
 
 from geolink.errors import DataError
 from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
+from geolink.graph.storage import MAX_GRAPH_BYTES, check_file
 
 
 def graph_from_official(official: HeteroData, text_dim: int | None = None) -> HeteroData:
@@ -38,6 +39,9 @@ def graph_from_official(official: HeteroData, text_dim: int | None = None) -> He
         if node_type not in official.node_types:
             raise DataError(f"official graph has no {node_type!r} nodes at all (not even an empty [0, D] x)")
         x = official[node_type].x
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise DataError(f"official {node_type} features must be a float [N, text_dim + 2A] tensor, got "
+                            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         anchors = NUM_ANCHORS[node_type]
         width = x.shape[1] - 2 * anchors if text_dim is None else text_dim
         if width <= 0 or x.shape[1] != width + 2 * anchors:
@@ -50,6 +54,9 @@ def graph_from_official(official: HeteroData, text_dim: int | None = None) -> He
         if edge_type in official.edge_types:
             store = official[edge_type]
             edge_index = store.edge_index.long().clone()
+            if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+                raise DataError(f"official {edge_type_name(edge_type)} edge_index has shape "
+                                f"{tuple(edge_index.shape)}, expected [2, E]")
             edge_attr = store.get("edge_attr")
             edge_attr = (edge_attr.float().clone() if edge_attr is not None
                          else torch.zeros(edge_index.shape[1], num_relations))
@@ -83,7 +90,23 @@ def official_graph_from_tensors(tensors: dict[str, torch.Tensor], prefix: str = 
 
 
 def load_official_graph(path: str | Path, prefix: str = "", text_dim: int | None = None) -> HeteroData:
-    """Read an official-layout graph stored as safetensors (e.g. the UFZ examples) as a geolink graph."""
+    """Read an official-layout graph stored as safetensors (e.g. the UFZ examples) as a geolink graph.
+
+    Raises:
+        MissingInputError: ``path`` does not exist.
+        DataError: it is not a regular file within :data:`~geolink.graph.storage.MAX_GRAPH_BYTES`, not a readable
+            safetensors file, or its tensors do not form an official graph (each naming the file).
+    """
+    import safetensors
     import safetensors.torch
 
-    return graph_from_official(official_graph_from_tensors(safetensors.torch.load_file(str(path)), prefix), text_dim)
+    check_file(path, "official graph", MAX_GRAPH_BYTES)
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise DataError(f"official graph {path} is not a readable safetensors file ({error}); restore or "
+                        "re-download it") from None
+    try:
+        return graph_from_official(official_graph_from_tensors(tensors, prefix), text_dim)
+    except DataError as error:
+        raise DataError(f"official graph {path}: {error}") from None

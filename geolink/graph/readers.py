@@ -21,6 +21,7 @@ import numpy as np
 import shapely
 
 from geolink.errors import ConfigError, DataError, InputError, MissingDependencyError, MissingInputError
+from geolink.graph.storage import MAX_GEOJSON_BYTES, MAX_INPUT_BYTES, check_file
 from geolink.graph.tags import TagFilter, Tags, load_key_frequency, normalize_key, parse_label, tag_key
 
 Feature = tuple[shapely.Geometry, Any]
@@ -44,12 +45,20 @@ def _need(module: str, extra: str) -> Any:
                                      ) from err
 
 
-def require_file(path: str | Path, what: str) -> Path:
-    """``path`` as a Path; raises :class:`~geolink.errors.MissingInputError` naming it (and ``what`` it is) when it
-    is not an existing file or folder."""
+def require_file(path: str | Path, what: str, max_bytes: int = MAX_INPUT_BYTES) -> Path:
+    """``path`` as a Path, checked before reading: an existing folder (some vector formats are folders), or a regular
+    file (not a FIFO, a device or a link to one) of at most ``max_bytes`` bytes (:func:`~geolink.graph.storage.
+    check_file`).
+
+    Raises:
+        MissingInputError: ``path`` does not exist (naming it and ``what`` it is).
+        DataError: it is not a regular file or folder, or is too large.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise MissingInputError(f"{what} {path} not found (check the path)")
+    if not path.is_dir():
+        check_file(path, what, max_bytes)
     return path
 
 
@@ -116,7 +125,7 @@ def read_geojson(path: str | Path, label_column: str = "label") -> tuple[list[Fe
     """
     from shapely.geometry import shape
 
-    with open(require_file(path, "GeoJSON file"), encoding="utf-8") as handle:
+    with open(require_file(path, "GeoJSON file", MAX_GEOJSON_BYTES), encoding="utf-8") as handle:
         data = json.load(handle)
     if data.get("type") == "Feature":
         data = {"type": "FeatureCollection", "features": [data]}
@@ -202,8 +211,9 @@ def read_osm(path: str | Path, bbox: Iterable[float] | None = None, tag_filter: 
     """
     osmium = _need("osmium", "osm")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise MissingInputError(f"OSM file {path} not found (pass an existing .osm.pbf or .osm file)")
+    check_file(path, "OSM file", MAX_INPUT_BYTES)
     frequency = load_key_frequency(key_frequency)
     tag_filter = tag_filter or TagFilter()
     region = shapely.box(*bbox) if bbox is not None else None

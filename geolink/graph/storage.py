@@ -39,7 +39,11 @@ MAX_INDEX_BYTES = 256 * 2**20
 MAX_TABLE_BYTES = 16 * 2**30
 """Size limit of an embedding table file (``vocab.safetensors``)."""
 MAX_GRAPH_BYTES = 1 * 2**30
-"""Size limit of one stored tile graph file."""
+"""Size limit of one stored tile graph file (and of an official-layout graph file)."""
+MAX_GEOJSON_BYTES = 8 * 2**30
+"""Size limit of a GeoJSON file (read whole into memory)."""
+MAX_INPUT_BYTES = 2**40
+"""Size limit of an input file read as a stream (``.osm.pbf`` extracts, GeoTIFF headers, vector files)."""
 
 
 # ---------------------------------------------------------------------------------------------- safe dataset files

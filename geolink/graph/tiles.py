@@ -34,7 +34,7 @@ from geolink.graph.readers import (
     reproject_bbox,
     require_file,
 )
-from geolink.graph.storage import load_graph, load_table, read_jsonl, save_graph, save_vocabulary
+from geolink.graph.storage import MAX_INDEX_BYTES, load_graph, load_table, read_jsonl, save_graph, save_vocabulary
 from geolink.graph.tags import TagFilter, TagVocabulary
 from geolink.graph.text import POOLINGS
 
@@ -514,7 +514,7 @@ class BuildGraphsConfig:
 
 def _footprint_tiles(footprints: Sequence[Path], crs: str) -> list[Tile]:
     if len(footprints) == 1 and footprints[0].name.lower().endswith(".json"):
-        with open(require_file(footprints[0], "footprints file"), encoding="utf-8") as handle:
+        with open(require_file(footprints[0], "footprints file", MAX_INDEX_BYTES), encoding="utf-8") as handle:
             return footprint_tiles(json.load(handle), crs)
     return footprint_tiles(footprints, crs)
 
