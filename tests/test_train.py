@@ -241,6 +241,17 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint(ufz_pairs, tmp_path,
         capsys.readouterr().err)
     assert resumed_exactly() and latest_checkpoint(out / "checkpoints") == latest
 
+    # one flipped bit in the weights still decodes (finite values, valid header): caught by the checksum
+    assert json.loads((latest / "checksums.json").read_text()).keys() >= {"model.safetensors", "optimizer.json",
+                                                                         "state.json", "rng_rank0.safetensors"}
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 0
+    assert f"warning: checkpoint {latest} is damaged: model.safetensors does not match its checksum in " \
+        "checksums.json" in capsys.readouterr().err
+    assert resumed_exactly() and latest_checkpoint(out / "checkpoints") == latest
+
     for checkpoint in ("step_00000003", "step_00000006"):  # nothing usable: one error naming the folder
         (out / "checkpoints" / checkpoint / "model.safetensors").write_bytes(b"")
     assert main(arguments(ufz_pairs, out, 6, 2, "--resume")) == 2

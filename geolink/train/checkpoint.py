@@ -12,7 +12,9 @@ a run killed at any moment leaves either the previous checkpoint or the new one,
 - fine-tuning (``geolink.finetune``) rewrites fixed folders (``last/``, ``best/``): the previous one is moved aside
   before the new one is renamed in, and :func:`find_checkpoint` falls back to it if a kill came in between.
 
-Weights load strictly (:func:`geolink.hub.load_state_dict_checked`); nothing is ever unpickled.
+Every file's sha256 is recorded in ``checksums.json`` (the convention of ``save_pretrained`` folders) and verified
+when the checkpoint is read, so a bit flip on disk is caught like a truncation: a resume falls back to the previous
+checkpoint. Weights load strictly (:func:`geolink.hub.load_state_dict_checked`); nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import safetensors.torch
 import torch
 
 from geolink.errors import DataError
+from geolink.hub import CHECKSUM_NAME, file_sha256
 
 LATEST = "latest"
 STATE_NAME = "state.json"
@@ -106,6 +109,8 @@ def write_checkpoint(final: str | Path, model: torch.nn.Module, optimizer: torch
         dist.barrier()
     if rank == 0:
         _write_json(staging / STATE_NAME, state)
+        _write_json(staging / CHECKSUM_NAME, {path.name: {"sha256": file_sha256(path)}
+                                              for path in sorted(staging.iterdir())})
         for path in staging.iterdir():  # make the bytes durable before the rename publishes them
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -183,29 +188,57 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return path
 
 
+def verify_checksums(path: str | Path, names: list[str]) -> None:
+    """Compare the files ``names`` of the checkpoint ``path`` with the sha256 recorded in its ``checksums.json``; a
+    checkpoint without that file (written by an older geolink) or a file it does not list is accepted unchecked.
+
+    Raises:
+        DataError: a file differs from its checksum (a bit flip, or a change after writing), or ``checksums.json``
+            is unreadable; the message names the file.
+    """
+    path = Path(path)
+    record = path / CHECKSUM_NAME
+    if not record.is_file():
+        return
+    try:
+        expected = {name: entry["sha256"] for name, entry in json.loads(record.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"checkpoint {path} is damaged: {CHECKSUM_NAME} cannot be read ({type(error).__name__}: "
+                        f"{error}); resume from an earlier checkpoint or restore the folder") from None
+    for name in names:
+        if name in expected and (path / name).is_file() and file_sha256(path / name) != expected[name]:
+            raise DataError(f"checkpoint {path} is damaged: {name} does not match its checksum in {CHECKSUM_NAME} "
+                            "(changed on disk since it was written); resume from an earlier checkpoint or restore "
+                            "the folder")
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Strictly load ``path/model.safetensors`` into ``model`` (a key or shape mismatch is an error naming it)."""
+    """Strictly load ``path/model.safetensors`` into ``model`` (a key or shape mismatch is an error naming it), after
+    checking it against its checksum."""
     from geolink.hub import load_state_dict_checked
 
+    verify_checksums(path, [WEIGHTS_NAME])
     weights = Path(path) / WEIGHTS_NAME
     load_state_dict_checked(model, safetensors.torch.load_file(str(weights)), source=str(weights))
 
 
-def read_checkpoint(path: str | Path, optimizer: bool = True, rank: int = 0) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, optimizer: bool = True, rank: int = 0, verify: bool = True) -> dict[str, Any]:
     """Read every file of the checkpoint ``path`` that a resume needs, changing nothing.
 
     Args:
         path: a checkpoint folder written by :func:`write_checkpoint`.
         optimizer: also read the optimizer state and this rank's RNG states.
         rank: whose RNG states to read.
+        verify: first compare the files with their checksums (:func:`verify_checksums`); False skips it (faster
+            for very large checkpoints, but a bit flip then goes unnoticed).
 
     Returns:
         ``state`` (``state.json``), ``weights`` and, with ``optimizer``, ``optimizer`` (a state dict) and ``rng``
         (None when the checkpoint has no RNG file for ``rank``).
 
     Raises:
-        DataError: a file is missing, truncated or corrupt (a kill or a full disk while it was copied); the message
-            names it.
+        DataError: a file is missing, truncated, corrupt or differs from its checksum (a kill or a full disk while
+            it was copied, a bit flip on disk); the message names it.
     """
     path = Path(path)
     current = path / STATE_NAME
@@ -225,6 +258,9 @@ def read_checkpoint(path: str | Path, optimizer: bool = True, rank: int = 0) -> 
     except (OSError, ValueError, KeyError, TypeError, AttributeError, safetensors.SafetensorError) as error:
         raise DataError(f"checkpoint {path} is damaged: {current.name} cannot be read ({type(error).__name__}: "
                         f"{error}); resume from an earlier checkpoint or restore the folder") from error
+    if verify:  # after decoding, so a truncation is named as such; a flip that still decodes is caught here
+        verify_checksums(path, [STATE_NAME, WEIGHTS_NAME] + (["optimizer.json", "optimizer.safetensors",
+                                                              f"rng_rank{rank}.safetensors"] if optimizer else []))
     return content
 
 
