@@ -149,7 +149,8 @@ def test_a_kill_between_the_two_renames_keeps_the_previous_checkpoint(tmp_path):
     assert find_checkpoint(tmp_path / "last") == tmp_path / ".last.previous"
     assert load_checkpoint(find_checkpoint(tmp_path / "last"), nn.Linear(2, 2), optimizer)["epoch"] == 0
     write_checkpoint(tmp_path / "last", model, None, {"epoch": 1})  # weights only: no optimizer, no RNG files
-    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["model.safetensors", "state.json"]
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["checksums.json", "model.safetensors",
+                                                                   "state.json"]
     assert find_checkpoint(tmp_path / "missing") is None
     with pytest.raises(ValueError, match="missing keys"):
         load_checkpoint(tmp_path / "last", nn.Sequential(nn.Linear(2, 2)), None)

@@ -145,3 +145,20 @@ def test_stored_graph_that_is_a_fifo_or_garbage_is_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05" * 40)
     with pytest.raises(DataError, match="junk.safetensors is not a readable safetensors file"):
         load_graph(tmp_path / "junk.safetensors")
+
+
+def test_byte_flips_in_a_stored_graph_decode_to_a_valid_graph_or_raise_data_error(tmp_path):
+    """Fuzz (the shard harness of tests/test_data_shards.py): random byte flips in a stored tile graph, as
+    build-graphs writes it, decode to a graph that passes validate_graph, or raise DataError naming the file."""
+    from tests.test_data_shards import fuzz_byte_flips
+
+    vocabulary = TagVocabulary()
+    graph = OSMGraphBuilder(None).build(random_features(3, 16), BBOX, vocabulary=vocabulary, materialize=False)
+    path = save_graph(graph, tmp_path / "tiles" / "r000_c000.safetensors", vocab="vocab", name="r000_c000")
+    table = HashEncoder().embedding_table(vocabulary)
+
+    def decode():
+        validate_graph(load_graph(path, table), feature_dim=table.shape[1])
+
+    decode()  # the unflipped file is valid
+    fuzz_byte_flips(path, decode, DataError, max_examples=150)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch_geometric.data import HeteroData
 
 from geolink.errors import DataError, InputError, MissingInputError
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, RELATIONS, edge_type_name
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, POS_TOLERANCE, RELATIONS, edge_type_name
 from geolink.graph.tags import TagVocabulary
 
 FORMAT_VERSION = "geolink-graph/1"
@@ -286,9 +286,9 @@ def check_graph_arrays(arrays: Mapping[str, np.ndarray], where: str, vocab_size:
     """Check the flat stored-graph arrays of one graph (the :func:`graph_tensors` keys, flattened) before decoding.
 
     Cheap vectorised checks: every key is present with a plausible dtype and size, ``pos``, ``x``, ``tag_weight``
-    and ``bbox`` are finite, ``tag_count`` is non-negative and sums to the number of ``tag_ids``, tag ids lie in
-    ``[0, vocab_size)``, edge indices lie inside their node types and relation codes inside their edge type's
-    relations.
+    and ``bbox`` are finite, ``pos`` lies in ``[0, 1]`` (up to the schema's tolerance), ``tag_count`` is
+    non-negative and sums to the number of ``tag_ids``, tag ids lie in ``[0, vocab_size)``, edge indices lie inside
+    their node types and relation codes inside their edge type's relations.
 
     Args:
         arrays: the flat arrays.
@@ -317,6 +317,9 @@ def check_graph_arrays(arrays: Mapping[str, np.ndarray], where: str, vocab_size:
         if pos.size % (2 * NUM_ANCHORS[t]):
             raise fail(f"{t}.pos", f"has {pos.size} values, not a multiple of {2 * NUM_ANCHORS[t]}")
         n = counts[t] = pos.size // (2 * NUM_ANCHORS[t])
+        if pos.size and (float(pos.min()) < -POS_TOLERANCE or float(pos.max()) > 1 + POS_TOLERANCE):
+            raise fail(f"{t}.pos", f"spans [{float(pos.min()):.4g}, {float(pos.max()):.4g}], outside the [0, 1] of "
+                       "normalised anchors")
         if f"{t}.tag_ids" in arrays:
             ids, count = get(f"{t}.tag_ids", "iu"), get(f"{t}.tag_count", "iu")
             weight = get(f"{t}.tag_weight", "f")
