@@ -42,7 +42,7 @@ from torch import nn
 from geolink.convert import OFFICIAL_REPOSITORY, converted_folder
 from geolink.data.transforms import Preprocess, model_data_config
 from geolink.errors import ConfigError, InputError, MissingInputError, MissingWeightsError
-from geolink.graph.text import TagEncoder
+from geolink.graph.text import TagEncoder, check_hub_repo
 from geolink.hub import CONFIG_NAME, read_config
 from geolink.models import COMPONENTS, Component, extract_component
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD
@@ -464,8 +464,9 @@ def load_model(location: str | os.PathLike, component: str | None = None, revisi
     """
     if component is not None:
         _check_component(component)
+    label = str(location)
     location, revision = _weights_location(location, revision)
-    config = _read_config(location, revision)
+    config = _read_config(location, revision, label if label != str(location) else None)
     held = config.get("model_class", "GeoLinkImageEncoder" if "pretrained_cfg" in config else None)
     if held not in _CLASSES:
         raise InputError(f"{location} does not hold a geolink model (config.json has no known model_class)")
@@ -520,7 +521,10 @@ def _weights_location(location: str | os.PathLike, revision: str | None) -> tupl
     return location, revision
 
 
-def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str, Any]:
+def _read_config(location: str | os.PathLike, revision: str | None, tag: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a folder or Hub repo (``tag``: the pretrained tag that named it, for messages); a repo
+    that is neither cached nor reachable fails at once (:func:`~geolink.graph.text.check_hub_repo`), not after the
+    Hub client's retries."""
     if Path(location).is_dir():
         return read_config(Path(location))
     from huggingface_hub import hf_hub_download
@@ -531,7 +535,10 @@ def _read_config(location: str | os.PathLike, revision: str | None) -> dict[str,
         RepositoryNotFoundError,
     )
 
+    what = f"pretrained model {tag} ({location})" if tag else str(location)
     try:
+        check_hub_repo(str(location), revision, what, "download it once with network access (it is cached then), "
+                       "or pass a local folder", "check the repo id and your Hub token")
         return read_config(Path(hf_hub_download(str(location), CONFIG_NAME, revision=revision)).parent)
     except HFValidationError:
         raise MissingInputError(f"{location} is neither a model folder nor a Hub repo id ('org/name'): pass an "

@@ -195,7 +195,29 @@ def test_a_published_tag_missing_from_the_offline_cache_says_to_download_it_once
     assert result.returncode == 0, result.stderr
     availability, message = result.stdout.splitlines()
     assert availability == "published"
-    assert "nor in the Hugging Face cache" in message and "download it once with network access" in message
+    assert message == ("pretrained model geolink_tiny.absent (geolink-test/absent) is not in the Hugging Face cache "
+                       "and HF_HUB_OFFLINE is set: download it once with network access (it is cached then), or pass "
+                       "a local folder")
+
+
+def test_an_uncached_tag_without_network_fails_at_once_naming_the_tag(tmp_path, monkeypatch):
+    """No network (a refused connection, HF_HUB_OFFLINE unset): one request without retries, one error naming the
+    tag and the fix; the Hub client's download (and its retries) is never started."""
+    import huggingface_hub
+
+    from geolink import registry
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the download was started"))
+    monkeypatch.setitem(registry._PRETRAINED, "geolink_tiny.mine", PretrainedTag(location="someone/geolink-mine"))
+    with pytest.raises(MissingWeightsError) as caught:
+        geolink.load_model("geolink_tiny.mine")
+    message = str(caught.value)
+    assert message.startswith("pretrained model geolink_tiny.mine (someone/geolink-mine) is not in the Hugging Face "
+                              "cache and the Hub cannot be reached (")
+    assert message.endswith("download it once with network access (it is cached then), or pass a local folder")
 
 
 @pytest.fixture

