@@ -120,3 +120,31 @@ def test_input_files_are_checked_before_reading(shared, tmp_path, kind, reader):
                                                                    footprints=(p,), quiet=True))}[reader]
     with within(10), pytest.raises(DataError, match=str(path)):
         read(path)
+
+
+@pytest.mark.parametrize("text", ['{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": ',
+                                  '{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+                                  '"geometry": {"type": "Point", "coordinates": ["a"]}}]}',
+                                  "[1, 2, 3]", '{"type": "FeatureCollection", "features": 3}'],
+                         ids=["truncated", "bad-coordinates", "list", "features-not-a-list"])
+def test_malformed_geojson_names_the_file(tmp_path, text):
+    from geolink.errors import DataError
+    from geolink.graph.readers import read_geojson
+
+    path = tmp_path / "bad.geojson"
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"GeoJSON file {path}"):
+        read_geojson(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty"])
+def test_unreadable_osm_extracts_name_the_file(shared, tmp_path, kind):
+    pytest.importorskip("osmium")
+    from geolink.errors import DataError
+    from geolink.graph.readers import read_osm
+
+    data = shared("osm", "test.osm.pbf").read_bytes()
+    path = tmp_path / "bad.osm.pbf"
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": bytes(range(256)) * 16, "empty": b""}[kind])
+    with pytest.raises(DataError, match=f"OSM file {path} cannot be read"):
+        list(read_osm(path))

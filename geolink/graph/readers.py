@@ -126,13 +126,27 @@ def read_geojson(path: str | Path, label_column: str = "label") -> tuple[list[Fe
     from shapely.geometry import shape
 
     with open(require_file(path, "GeoJSON file", MAX_GEOJSON_BYTES), encoding="utf-8") as handle:
-        data = json.load(handle)
-    if data.get("type") == "Feature":
+        try:
+            data = json.load(handle)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise DataError(f"GeoJSON file {path} is not valid JSON ({error}): the file is truncated or not "
+                            "GeoJSON") from None
+    if isinstance(data, dict) and data.get("type") == "Feature":
         data = {"type": "FeatureCollection", "features": [data]}
-    if data.get("type") != "FeatureCollection":
-        raise DataError(f"{path} is not a GeoJSON FeatureCollection")
-    features = [(shape(f["geometry"]), _properties_to_tags(f.get("properties"), label_column))
-                for f in data["features"] if f.get("geometry")]
+    if not isinstance(data, dict) or data.get("type") != "FeatureCollection" or not isinstance(data.get("features"),
+                                                                                                 list):
+        raise DataError(f"GeoJSON file {path} is not a GeoJSON Feature or FeatureCollection (a JSON object with "
+                        "\"type\" and \"features\")")
+    features = []
+    for number, feature in enumerate(data["features"]):
+        try:
+            if not feature.get("geometry"):
+                continue
+            features.append((shape(feature["geometry"]), _properties_to_tags(feature.get("properties"),
+                                                                             label_column)))
+        except Exception as error:  # shapely raises many types for bad coordinates (TypeError, ValueError, GEOS)
+            raise DataError(f"GeoJSON file {path}: feature {number} has an invalid geometry or properties "
+                            f"({type(error).__name__}: {error})") from None
     return features, _crs_from_geojson(data)
 
 
@@ -232,8 +246,20 @@ def read_osm(path: str | Path, bbox: Iterable[float] | None = None, tag_filter: 
 
     from tqdm.auto import tqdm
 
-    processor = osmium.FileProcessor(str(path)).with_locations().with_areas()
-    for obj in tqdm(processor, desc=f"reading {path.name}", unit=" objects", disable=not progress, mininterval=1):
+    def objects() -> Iterator[Any]:
+        """The file's objects; osmium's read errors (a truncated, empty or garbage file) name the file."""
+        try:
+            iterator = iter(osmium.FileProcessor(str(path)).with_locations().with_areas())
+            while True:
+                try:
+                    yield next(iterator)
+                except StopIteration:
+                    return
+        except RuntimeError as error:
+            raise DataError(f"OSM file {path} cannot be read ({error}): it is truncated, empty or not an OSM "
+                            "extract; download it again") from None
+
+    for obj in tqdm(objects(), desc=f"reading {path.name}", unit=" objects", disable=not progress, mininterval=1):
         if not obj.tags:
             continue
         try:
