@@ -112,7 +112,8 @@ class GeoLinkHubMixin(
         state_dict = {k: v.detach().contiguous() for k, v in self.weights_module().state_dict().items()}
         safetensors.torch.save_file(state_dict, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.hub_config(), indent=2, sort_keys=True))
-        checksums = {WEIGHTS_NAME: {"sha256": file_sha256(save_directory / WEIGHTS_NAME)}}
+        checksums = {WEIGHTS_NAME: {"sha256": file_sha256(save_directory / WEIGHTS_NAME)},
+                     CONFIG_NAME: {"content_sha256": config_sha256(self.hub_config())}}
         (save_directory / CHECKSUM_NAME).write_text(json.dumps(checksums, indent=2, sort_keys=True))
 
     @classmethod
@@ -217,21 +218,38 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def config_sha256(config: dict[str, Any]) -> str:
+    """The sha256 of a config's content (canonical JSON: key order and whitespace do not count)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify_weights_checksum(folder: Path) -> None:
-    """Compare ``folder/model.safetensors`` with the sha256 in ``folder/checksums.json``; a folder without that file
+    """Compare ``folder/model.safetensors`` with the sha256 in ``folder/checksums.json``, and the content of
+    ``config.json`` with the one saved with those weights (when recorded); a folder without ``checksums.json``
     (saved by an older geolink, or by timm) is accepted unchecked.
 
+    The config check catches the edits the weights cannot reveal: another ``num_heads`` or ``out_indices`` loads the
+    same tensors and computes something else.
+
     Raises:
-        DataError: the weights differ from the recorded checksum, or ``checksums.json`` is unreadable.
+        DataError: the weights differ from the recorded checksum, ``config.json`` differs from the saved config, or
+            ``checksums.json`` is unreadable.
     """
     path = folder / CHECKSUM_NAME
     if not path.is_file():
         return
     try:
-        expected = json.loads(path.read_text())[WEIGHTS_NAME]["sha256"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        recorded = json.loads(path.read_text())
+        expected = recorded[WEIGHTS_NAME]["sha256"]
+        expected_config = recorded.get(CONFIG_NAME, {}).get("content_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path} is not a checksum file of {WEIGHTS_NAME} ({type(error).__name__}: {error}): "
                         f"delete it to load unchecked, or save the model again") from None
+    if expected_config is not None and config_sha256(read_config(folder)) != expected_config:
+        raise DataError(f"{folder / CONFIG_NAME} differs from the config saved with these weights (recorded in "
+                        f"{CHECKSUM_NAME}): changed settings such as num_heads or out_indices load the same tensors "
+                        "but compute something else; restore config.json, pass the change as an override "
+                        "(load_model(folder, fusion={...})), or verify_checksum=False to load it anyway")
     actual = file_sha256(folder / WEIGHTS_NAME)
     if actual != expected:
         raise DataError(f"{folder / WEIGHTS_NAME} does not match its checksum in {CHECKSUM_NAME} (sha256 {actual}, "

@@ -62,8 +62,10 @@ def test_mismatched_config_is_refused(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["osm_dim"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="shape mismatches"):
+    with pytest.raises(DataError, match="config.json differs from the config saved with these weights"):
         GeoLinkOSMEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="shape mismatches"):  # unchecked: the weights disagree
+        GeoLinkOSMEncoder.from_pretrained(tmp_path, verify_checksum=False)
 
 
 def test_corrupt_weights_file_is_refused(tmp_path):

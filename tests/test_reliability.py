@@ -148,3 +148,24 @@ def test_unreadable_osm_extracts_name_the_file(shared, tmp_path, kind):
     path.write_bytes({"truncated": data[:len(data) // 2], "garbage": bytes(range(256)) * 16, "empty": b""}[kind])
     with pytest.raises(DataError, match=f"OSM file {path} cannot be read"):
         list(read_osm(path))
+
+
+@pytest.mark.parametrize("change", [{"num_heads": 8}, {"out_indices": [2, 5, 7, 11]}], ids=["num_heads", "out_indices"])
+def test_a_config_edited_after_saving_is_refused(tmp_path, change):
+    """Another head count or other out_indices load the same tensors and compute something else: the saved config's
+    checksum catches the edit (verify_checksum=False loads it anyway; an override is the way to change it)."""
+    import json
+
+    import geolink
+    from geolink.errors import DataError
+
+    folder = tmp_path / "model"
+    geolink.create_model("geolink_tiny", component="fusion").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config, indent=4))  # reformatting is not a change
+    geolink.load_model(folder)
+    config.update(change)  # a fusion folder's config.json holds the fusion kwargs at the top
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=f"{folder / 'config.json'} differs from the config saved with these weights"):
+        geolink.load_model(folder)
+    assert type(geolink.load_model(folder, verify_checksum=False)).__name__ == "GeoLinkFusionEncoder"
