@@ -240,7 +240,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
     """
     if not path.is_file():
         return
-    kept = [record for record in read_jsonl(path, "metrics")
+    kept = [record for record in read_jsonl(path, "metrics file")
             if isinstance(record, dict) and record.get("step", math.inf) <= step]
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text("".join(json.dumps(record) + "\n" for record in kept))
