@@ -323,6 +323,10 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
         "minilm --out pairs/\n"
         "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
+    Job("explain", "draw where each OSM object of a tile looks in the image (fusion-block attention maps, PNG)",
+        "geolink.explain:ExplainConfig", "geolink.explain:explain",
+        "example:\n  geolink explain --image tile.jpg --osm tile_folder/ --model geolink_tiny.demo "
+        "--out attention.png"),
 )}
 
 

@@ -236,6 +236,8 @@ ERROR_CASES = {
     "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
                      lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
+    "explain": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
+                lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--nodes", "0"]),
 }
 
 
