@@ -327,6 +327,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "geolink.explain:ExplainConfig", "geolink.explain:explain",
         "example:\n  geolink explain --image tile.jpg --osm tile_folder/ --model geolink_tiny.demo "
         "--out attention.png"),
+    Job("osm-qa", "score how much the image and the neighbours disagree with each OSM object's tags (GeoJSON + PNG)",
+        "geolink.suggest:OsmQaConfig", "geolink.suggest:osm_qa",
+        "example:\n  geolink osm-qa --image tile.jpg --osm tile_folder/ --model geolink_tiny.demo --out qa.geojson"),
 )}
 
 

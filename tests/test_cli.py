@@ -238,6 +238,8 @@ ERROR_CASES = {
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
     "explain": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
                 lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--nodes", "0"]),
+    "osm-qa": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
+               lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--top-k", "-1"]),
 }
 
 

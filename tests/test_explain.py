@@ -138,3 +138,18 @@ def test_plot_names_missing_nodes_and_empty_graphs(synthetic_graphs):
     empty = {t: torch.zeros(0, 14, 14) for t in NODE_TYPES}
     with pytest.raises(ValueError, match="no nodes"):
         plot_node_attention(image, graph, empty)
+
+
+@torch.no_grad()
+def test_a_fusion_only_folder_gives_the_same_maps_as_the_full_demo_model(tmp_path, synthetic_images,
+                                                                         synthetic_graphs):
+    import geolink
+    from geolink.explain import load_tool_model
+
+    full = load_tool_model("geolink_tiny.demo", "fusion")
+    geolink.create_model("geolink_tiny.demo", pretrained=True, component="fusion").save_pretrained(tmp_path / "f")
+    fusion_only = load_tool_model(str(tmp_path / "f"), "fusion")
+    for a, b in zip(node_attention(full, synthetic_images, synthetic_graphs),
+                    node_attention(fusion_only, synthetic_images, synthetic_graphs)):
+        for node_type in NODE_TYPES:
+            assert torch.equal(a[node_type], b[node_type])
