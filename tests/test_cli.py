@@ -240,6 +240,8 @@ ERROR_CASES = {
                 lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--nodes", "0"]),
     "osm-qa": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
                lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--top-k", "-1"]),
+    "retrieve": (lambda tmp, fixture: ["--pairs", str(tmp / "missing")],
+                 lambda tmp, fixture: ["--k", "0"]),
 }
 
 
