@@ -45,7 +45,7 @@ def topk_cosine(queries: torch.Tensor, keys: torch.Tensor, k: int = 10, chunk: i
     Args:
         queries: ``[Q, P]``; keys ``[N, P]`` (both normalised here).
         k: hits per query (at most N).
-        chunk: keys per matmul; the running top-k is merged chunk by chunk, so memory is ``Q × (chunk + k)``.
+        chunk: keys per matmul; each chunk's top-k is merged into the running top-k, so memory is ``Q × chunk``.
 
     Returns:
         ``(scores [Q, k], indices [Q, k])``, best first.
@@ -60,10 +60,9 @@ def topk_cosine(queries: torch.Tensor, keys: torch.Tensor, k: int = 10, chunk: i
     best_scores = queries.new_full((queries.shape[0], 0), float("-inf"))
     best_indices = torch.zeros(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, keys.shape[0], chunk):
-        scores = queries @ keys[start:start + chunk].t()
-        indices = torch.arange(start, start + scores.shape[1], device=queries.device).expand_as(scores)
-        merged_scores = torch.cat([best_scores, scores], dim=1)
-        merged_indices = torch.cat([best_indices, indices], dim=1)
+        chunk_top = torch.topk(queries @ keys[start:start + chunk].t(), min(k, keys.shape[0] - start), dim=1)
+        merged_scores = torch.cat([best_scores, chunk_top.values], dim=1)  # [Q, ≤ 2k]
+        merged_indices = torch.cat([best_indices, chunk_top.indices + start], dim=1)
         top = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
         best_scores, best_indices = top.values, torch.gather(merged_indices, 1, top.indices)
     return best_scores, best_indices
