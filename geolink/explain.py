@@ -318,13 +318,7 @@ def read_osm_input(path: str | Path, model_name: str, text_model: str | None = N
         raise MissingInputError(f"OSM input {path} does not exist: pass a stored graph, a tile folder of GeoJSON "
                                 "files or a GeoJSON file")
     if path.suffix == ".safetensors":
-        from geolink.graph.storage import load_graph, load_table
-
-        vocab_file = path.parent / "vocab.json"
-        table = load_table(path.parent) if (path.parent / "vocab.safetensors").is_file() else None
-        graph = load_graph(path, table)
-        strings = json.loads(vocab_file.read_text())["strings"] if vocab_file.is_file() else None
-        return graph, strings
+        return _read_stored_graph(path)
     files = sorted(path.glob("*.geojson")) if path.is_dir() else [path]
     if bbox is None:
         meta = (path if path.is_dir() else path.parent) / "meta.json"
@@ -346,6 +340,31 @@ def read_osm_input(path: str | Path, model_name: str, text_model: str | None = N
     graph = OSMGraphBuilder(encoder, tag_weights="official").build(features, bbox=bbox, vocabulary=vocabulary,
                                                                    materialize=True)
     return graph, vocabulary.strings
+
+
+def _read_stored_graph(path: Path) -> tuple[HeteroData, list[str] | None]:
+    """A tile of a ``build-graphs`` folder (``x`` from its vocabulary table, found in the folder or the one above)
+    or an official-layout graph file (the UFZ samples: features stored, no tag text)."""
+    from safetensors import safe_open
+
+    from geolink.data.folders import GraphFolder
+    from geolink.graph.official import load_official_graph
+    from geolink.graph.storage import FORMAT_VERSION
+    from geolink.graph.tags import TagVocabulary
+
+    with safe_open(str(path), framework="pt") as handle:
+        geolink_file = (handle.metadata() or {}).get("format") == FORMAT_VERSION
+    if not geolink_file:
+        return load_official_graph(path), None
+    for folder in (path.parent, path.parent.parent):
+        if any(folder.glob("index*.jsonl")):
+            tiles = GraphFolder(folder)
+            entry = next((e for e in tiles.entries if (folder / e["file"]).resolve() == path.resolve()), None)
+            if entry is not None:
+                strings = TagVocabulary.load(folder / f"{entry['vocab']}.json").strings
+                return tiles[entry["name"]], strings
+    raise MissingInputError(f"{path} is a stored graph outside its build-graphs folder: pass the tile inside the "
+                            "folder that holds its index*.jsonl and vocabulary")
 
 
 # ------------------------------------------------------------------------------------------------ the CLI job

@@ -182,22 +182,30 @@ def pair_indexes(model: GeoLinkForPretraining, spec: str | Path, draws: int = 1,
             EmbeddingIndex(embed_graphs(model, graphs), names, "osm", graphs))
 
 
-def recall_at_k(image_embeddings: torch.Tensor, osm_embeddings: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
-                ) -> dict[str, dict[int, float]]:
+def recall_at_k(image_embeddings: torch.Tensor, osm_embeddings: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                chunk: int = 4096) -> dict[str, dict[int, float]]:
     """Recall@k of paired embeddings (row i of both is pair i): the fraction of queries whose partner is among
-    the top k, image→OSM and OSM→image, with chance ``min(k, N) / N``."""
+    the top k, image→OSM and OSM→image, with chance ``min(k, N) / N``.
+
+    A partner's rank counts every key scoring at least as high as it (ties count against the query: two identical
+    graphs, e.g. of two crops holding the same objects, cannot be told apart, so neither is credited), so the result
+    does not depend on how a sort orders equal scores. Queries are processed ``chunk`` rows at a time."""
     if image_embeddings.shape[0] != osm_embeddings.shape[0]:
         raise InputError(f"{image_embeddings.shape[0]} image embeddings but {osm_embeddings.shape[0]} OSM "
                          "embeddings: recall needs pairs")
     count = image_embeddings.shape[0]
-    top = max(ks)
-    target = torch.arange(count).unsqueeze(1)
     result: dict[str, dict[int, float]] = {}
     for direction, (queries, keys) in {"image_to_osm": (image_embeddings, osm_embeddings),
                                        "osm_to_image": (osm_embeddings, image_embeddings)}.items():
-        _, indices = topk_cosine(queries, keys, top)
-        hits = indices == target
-        result[direction] = {k: float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+        queries, keys = F.normalize(queries.float(), dim=-1), F.normalize(keys.float(), dim=-1)
+        ranks = []
+        for start in range(0, count, chunk):
+            scores = queries[start:start + chunk] @ keys.t()  # [c, N]
+            rows = torch.arange(scores.shape[0])
+            partner = scores[rows, rows + start].unsqueeze(1)
+            ranks.append((scores >= partner).sum(dim=1))
+        rank = torch.cat(ranks)
+        result[direction] = {k: float((rank <= k).float().mean()) for k in ks}
     result["chance"] = {k: min(k, count) / count for k in ks}
     return result
 

@@ -34,7 +34,12 @@ def test_encode_image_and_osm_match_the_official_heads(official, expected_heads)
 
 
 @torch.no_grad()
-def test_isolated_node_attention_matches_the_official_helper(official, expected_heads):  # noqa: F811
+@pytest.mark.parametrize("chunk", [64, 4])  # all nodes of a type at once, and in chunks
+def test_isolated_node_attention_matches_the_official_helper(official, expected_heads, chunk,  # noqa: F811
+                                                             monkeypatch):
+    import geolink.explain
+
+    monkeypatch.setattr(geolink.explain, "ISOLATED_CHUNK", chunk)
     model = official["model"].eval()
     maps = node_attention(model, official["images"], official["graphs"], isolated=True)
     compared = 0
@@ -153,3 +158,24 @@ def test_a_fusion_only_folder_gives_the_same_maps_as_the_full_demo_model(tmp_pat
                     node_attention(fusion_only, synthetic_images, synthetic_graphs)):
         for node_type in NODE_TYPES:
             assert torch.equal(a[node_type], b[node_type])
+
+
+def test_stored_and_official_graph_files_are_read_with_their_tags(tmp_path, minilm_path, shared):
+    from geolink.cli import main
+    from geolink.demo import TILES
+    from geolink.explain import node_labels, read_osm_input
+
+    polygons = TILES / "a472140250_FI_21" / "a472140250_FI_21_polygon.geojson"
+    assert main(["build-graphs", "--vector", str(polygons), "--grid", "1", "1", "--text-model", str(minilm_path),
+                 "--out", str(tmp_path / "graphs"), "--quiet"]) == 0
+    (tile,) = sorted((tmp_path / "graphs" / "tiles").glob("*.safetensors"))
+    graph, vocabulary = read_osm_input(tile, "geolink_tiny.demo")
+    assert graph["polygon"].x.shape == (8, 384)
+    assert "place:island" in node_labels(graph, vocabulary)["polygon"]
+    ufz = sorted(shared("official_examples", "ufz", "graph").glob("*.safetensors"))[0]
+    ufz_graph, strings = read_osm_input(ufz, "geolink_tiny.demo")
+    assert ufz_graph["polygon"].x.shape[1] == 512 and strings is None
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(tile.read_bytes())
+    with pytest.raises(FileNotFoundError, match="outside its build-graphs folder"):
+        read_osm_input(alone, "geolink_tiny.demo")

@@ -84,3 +84,12 @@ def test_retrieve_job_writes_hits_and_a_contact_sheet(tmp_path, capsys):
     assert recall["chance"] == {"1": 0.2, "5": 1.0, "10": 1.0} and set(recall["image_to_osm"]) == {"1", "5", "10"}
     assert main(["retrieve", "--query", "9", "--out", str(tmp_path / "x.json")]) == 2
     assert "query 9 is out of range: the pairs hold 5 samples" in capsys.readouterr().err
+
+
+def test_recall_counts_ties_against_the_query():
+    images = torch.eye(3)
+    osm = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # pairs 0 and 1 share one OSM vector
+    recall = recall_at_k(images, osm, ks=(1, 2))
+    # image 0 ties with osm 1 (rank 2), image 1 is orthogonal to all three OSM vectors (rank 3), image 2 is found
+    assert recall["image_to_osm"] == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
+    assert recall["osm_to_image"][1] == pytest.approx(2 / 3)  # osm 1 is nearest to image 0, not its own image
