@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import SHARED, describe_run
 from geolink.demo import TILES, list_tiles
-from geolink.explain import load_tool_model, node_labels, read_osm_input
+from geolink.explain import load_tool_model, node_labels, read_osm_input, text_encoder_for
 from geolink.graph.schema import NODE_TYPES
 from geolink.graph.tags import load_key_frequency
 from geolink.retrieval import open_pairs, pair_indexes, recall_at_k, topk_cosine
@@ -75,10 +75,7 @@ def tile_inputs(model, model_name: str, text_model: str | None):
 
 
 def suggestion(model, model_name: str, text_model: str | None) -> None:
-    from geolink.graph.text import TagEncoder
-    from geolink.registry import tag_encoder_for
-
-    encoder = TagEncoder(text_model) if text_model else tag_encoder_for(model_name)
+    encoder = text_encoder_for(model_name, text_model)
     tiles = tile_inputs(model, model_name, text_model)
     frequency = load_key_frequency("official") or {}
     hits = {"model": Counter(), "frequency": Counter()}

@@ -20,6 +20,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -295,6 +296,23 @@ def node_labels(graph: HeteroData, vocabulary: Sequence[str] | None) -> dict[str
             for t in NODE_TYPES}
 
 
+def text_encoder_for(model_name: str, text_model: str | None = None) -> Any:
+    """The :class:`~geolink.graph.text.TagEncoder` of ``text_model``, else of the pretrained tag ``model_name``.
+
+    Raises:
+        InputError: ``model_name`` is a folder or file (it records no text model) and ``text_model`` is None.
+    """
+    from geolink.graph.text import TagEncoder
+    from geolink.registry import list_pretrained, tag_encoder_for
+
+    if text_model is not None:
+        return TagEncoder(text_model)
+    if model_name not in list_pretrained():
+        raise InputError(f"model {model_name} is not a pretrained tag, so its text model is unknown: pass text_model "
+                         "(the text model its weights were trained with, e.g. 'clip' for the official release)")
+    return tag_encoder_for(model_name)
+
+
 def read_osm_input(path: str | Path, model_name: str, text_model: str | None = None,
                    bbox: tuple[float, float, float, float] | None = None) -> tuple[HeteroData, list[str] | None]:
     """The graph of a tile's OSM data, and its tag vocabulary when known.
@@ -311,7 +329,6 @@ def read_osm_input(path: str | Path, model_name: str, text_model: str | None = N
     from geolink.graph import OSMGraphBuilder
     from geolink.graph.readers import read_features
     from geolink.graph.tags import TagVocabulary
-    from geolink.graph.text import TagEncoder
 
     path = Path(path)
     if not path.exists():
@@ -330,12 +347,7 @@ def read_osm_input(path: str | Path, model_name: str, text_model: str | None = N
     ordered = [f for t in NODE_TYPES for f in by_type[t]] + [f for f in files if all(f not in v for v in
                                                                                        by_type.values())]
     features = [feature for file in ordered for feature in read_features(file)[0]]
-    if text_model is not None:
-        encoder = TagEncoder(text_model)
-    else:
-        from geolink.registry import tag_encoder_for
-
-        encoder = tag_encoder_for(model_name)
+    encoder = text_encoder_for(model_name, text_model)
     vocabulary = TagVocabulary()
     graph = OSMGraphBuilder(encoder, tag_weights="official").build(features, bbox=bbox, vocabulary=vocabulary,
                                                                    materialize=True)

@@ -35,8 +35,16 @@ from PIL import Image, ImageDraw, ImageFont
 from torch_geometric.data import Batch, HeteroData
 
 from geolink.errors import InputError
-from geolink.explain import fusion_inputs, heat_colours, load_tool_model, node_labels, read_image, read_osm_input
-from geolink.graph.schema import NODE_TYPES, validate_graph
+from geolink.explain import (
+    fusion_inputs,
+    heat_colours,
+    load_tool_model,
+    node_labels,
+    read_image,
+    read_osm_input,
+    text_encoder_for,
+)
+from geolink.graph.schema import NODE_TYPES
 from geolink.models import GeoLinkForPretraining
 from geolink.models.pretrain import with_node_features
 
@@ -87,8 +95,6 @@ def masked_predictions(model: GeoLinkForPretraining, image: torch.Tensor, graph:
     model = _require_heads(model)
     fusion = model.fusion_encoder
     images = image.unsqueeze(0) if image.dim() == 3 else image
-    if validate:
-        validate_graph(graph, model.osm_encoder.text_dim)
     nodes = _node_list(graph, nodes)
     image_inputs = fusion_inputs(fusion, images, graph, validate)  # the image side (its node part is unmasked)
     out = []
@@ -267,10 +273,7 @@ def osm_qa(config: OsmQaConfig) -> dict[str, Any]:
     labels = node_labels(graph, vocabulary) or {t: [""] * (graph[t].num_nodes or 0) for t in NODE_TYPES}
     encoder = None
     if config.top_k:
-        from geolink.graph.text import TagEncoder
-        from geolink.registry import tag_encoder_for
-
-        encoder = TagEncoder(config.text_model) if config.text_model else tag_encoder_for(config.model)
+        encoder = text_encoder_for(config.model, config.text_model)
         _check_text_width(model, encoder)
         candidates = default_candidates(graph, vocabulary)
     scores = {t: torch.zeros(graph[t].num_nodes or 0) for t in NODE_TYPES}

@@ -125,3 +125,20 @@ def test_osm_qa_job_writes_scored_geojson_and_png_and_refuses_a_fusion_folder(tm
     assert main([*arguments, "--model", str(fusion), "--out", str(tmp_path / "x.geojson")]) == 2
     err = capsys.readouterr().err
     assert "GeoLinkFusionEncoder" in err and "pass a GeoLinkForPretraining folder" in err
+
+
+def test_osm_qa_on_an_official_graph_needs_the_text_model_only_for_suggestions(tmp_path, shared, capsys):
+    from geolink.cli import main
+
+    ufz = shared("official_examples", "ufz")
+    name = sorted(p.stem for p in (ufz / "graph").glob("*.safetensors"))[0]
+    checkpoint = shared("parity", "official_tiny") / "geolink_multimodal_official_format.pth"
+    arguments = ["osm-qa", "--image", str(ufz / "img" / f"{name}.png"), "--osm",
+                 str(ufz / "graph" / f"{name}.safetensors"), "--model", str(checkpoint),
+                 "--out", str(tmp_path / "qa.geojson")]
+    assert main(arguments) == 2
+    assert "its text model is unknown: pass --text-model" in capsys.readouterr().err
+    assert main([*arguments, "--top-k", "0"]) == 0
+    features = json.loads((tmp_path / "qa.geojson").read_text())["features"]
+    assert len(features) == json.loads(capsys.readouterr().out)["objects"] > 0
+    assert "suggested" not in features[0]["properties"]
