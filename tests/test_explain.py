@@ -178,3 +178,19 @@ def test_stored_and_official_graph_files_are_read_with_their_tags(tmp_path, mini
     alone.write_bytes(tile.read_bytes())
     with pytest.raises(FileNotFoundError, match="outside its build-graphs folder"):
         read_osm_input(alone, "geolink_tiny.demo")
+
+
+def test_tools_page_shows_every_figure_its_script_makes(monkeypatch):
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    monkeypatch.syspath_prepend(str(docs))  # the script imports make_gallery from its own folder
+    spec = importlib.util.spec_from_file_location("docs_make_tools_figures", docs / "make_tools_figures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shown = re.findall(r"!\[[^\]]*\]\(tools/([^)]+)\)", (docs / "tools.md").read_text())
+    assert sorted(shown) == sorted(script.FIGURES)
+    for name in shown:
+        assert (docs / "tools" / name).is_file(), f"run python docs/make_tools_figures.py {name}"
