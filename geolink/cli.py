@@ -323,6 +323,17 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
         "minilm --out pairs/\n"
         "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
+    Job("explain", "draw where each OSM object of a tile looks in the image (fusion-block attention maps, PNG)",
+        "geolink.explain:ExplainConfig", "geolink.explain:explain",
+        "example:\n  geolink explain --image tile.jpg --osm tile_folder/ --model geolink_tiny.demo "
+        "--out attention.png"),
+    Job("osm-qa", "score how much the image and the neighbours disagree with each OSM object's tags (GeoJSON + PNG)",
+        "geolink.suggest:OsmQaConfig", "geolink.suggest:osm_qa",
+        "example:\n  geolink osm-qa --image tile.jpg --osm tile_folder/ --model geolink_tiny.demo --out qa.geojson"),
+    Job("retrieve", "image<->OSM retrieval with the contrastive heads: top-k + contact sheet, or recall@k",
+        "geolink.retrieval:RetrieveConfig", "geolink.retrieval:retrieve",
+        "examples:\n  geolink retrieve --pairs bundled --query 2 --direction image-to-osm --out hits.json\n"
+        "  geolink retrieve --pairs bundled --draws 8 --evaluate"),
 )}
 
 

@@ -236,6 +236,12 @@ ERROR_CASES = {
     "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
                      lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
+    "explain": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
+                lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--nodes", "0"]),
+    "osm-qa": (lambda tmp, fixture: ["--image", str(tmp / "missing.jpg"), "--osm", str(tmp)],
+               lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--top-k", "-1"]),
+    "retrieve": (lambda tmp, fixture: ["--pairs", str(tmp / "missing")],
+                 lambda tmp, fixture: ["--k", "0"]),
 }
 
 

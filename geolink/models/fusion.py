@@ -54,9 +54,11 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``query [B, T, C]``, ``key``/``value [B, S, C]``, ``key_padding_mask [B, S]`` (True = ignore)
-        -> ``[B, T, C]``."""
+        -> ``[B, T, C]``; with ``need_weights`` also the attention weights averaged over heads ``[B, T, S]``
+        (computed explicitly instead of by the fused kernel; same output)."""
         batch, length, dim = query.shape
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
@@ -72,12 +74,20 @@ class Attention(nn.Module):
             # rows without any valid key attend over the padding (finite) and are zeroed below
             attend = ~key_padding_mask | ~has_keys.unsqueeze(1)
             attn_mask = attend[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) * (dim // heads) ** -0.5
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, dropout_p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, length, dim)
         if has_keys is not None:
             out = out * has_keys[:, None, None].to(out.dtype)
-        return self.out_proj(out)
+        return (self.out_proj(out), weights.mean(dim=1)) if need_weights else self.out_proj(out)
 
 
 class TwoWayFusionBlock(nn.Module):
@@ -95,15 +105,20 @@ class TwoWayFusionBlock(nn.Module):
         self.node_mlp_norm = nn.LayerNorm(dim)
 
     def forward(self, image: torch.Tensor, nodes: torch.Tensor, image_pos: torch.Tensor, node_pos: torch.Tensor,
-                node_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                node_padding_mask: torch.Tensor, return_attention: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``image [B, L, C]``, ``nodes [B, N, C]``, positions of the same shapes, ``node_padding_mask [B, N]``
-        (True = padding) -> updated ``(image, nodes)``."""
+        (True = padding) -> updated ``(image, nodes)``; with ``return_attention`` also each node's attention over
+        the image tokens in ``node_attn`` (the official ``cross_attn_image_to_token``), heads averaged,
+        ``[B, N, L]`` (rows of padding nodes are meaningless)."""
         keyed = nodes + node_pos
         nodes = self.node_self_norm(nodes + self.node_self_attn(keyed, keyed, nodes, node_padding_mask))
         image = self.image_norm(image + self.image_attn(image + image_pos, nodes + node_pos, nodes, node_padding_mask))
-        nodes = self.node_attn_norm(nodes + self.node_attn(nodes + node_pos, image + image_pos, image))
+        read = self.node_attn(nodes + node_pos, image + image_pos, image, need_weights=return_attention)
+        read, attention = read if return_attention else (read, None)
+        nodes = self.node_attn_norm(nodes + read)
         nodes = self.node_mlp_norm(self.node_mlp(nodes))
-        return image, nodes
+        return (image, nodes, attention) if return_attention else (image, nodes)
 
 
 def pack_nodes(tokens: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int
@@ -218,7 +233,8 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
         return tokens, pos
 
     def fuse(self, image_tokens: torch.Tensor, image_pos: torch.Tensor, nodes: torch.Tensor, node_pos: torch.Tensor,
-             node_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             node_padding_mask: torch.Tensor, return_attention: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Run the two-way blocks.
 
         Args:
@@ -226,15 +242,19 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
             image_pos: ``[B or 1, L, fusion_dim]``.
             nodes: ``[B, N, fusion_dim]`` packed node tokens; ``node_pos`` the same shape.
             node_padding_mask: ``[B, N]``, True = padding.
+            return_attention: also return, per block, each node's attention over the image tokens ``[B, N, L]``
+                (heads averaged; see :meth:`TwoWayFusionBlock.forward`).
 
         Returns:
-            fused image tokens ``[B, L, fusion_dim]`` and node tokens ``[B, N, fusion_dim]``.
+            fused image tokens ``[B, L, fusion_dim]`` and node tokens ``[B, N, fusion_dim]`` (and the attention list).
         """
         image = self.image_proj(image_tokens)
         image_pos = image_pos.expand(image.shape[0], -1, -1)
+        attention = []
         for block in self.blocks:
-            image, nodes = block(image, nodes, image_pos, node_pos, node_padding_mask)
-        return image, nodes
+            image, nodes, *weights = block(image, nodes, image_pos, node_pos, node_padding_mask, return_attention)
+            attention += weights
+        return (image, nodes, attention) if return_attention else (image, nodes)
 
     def forward(self, images: torch.Tensor, graph: HeteroData, layers: Sequence[int] | None = None,
                 validate: bool = True) -> list[torch.Tensor]:

@@ -369,6 +369,46 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         return self.node_pred(fused_nodes[~padding_mask]), target
 
     # ----------------------------------------------------------------------------------------------------------
+    # the contrastive heads as embeddings in the shared image-OSM space
+    def project_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The image projection head on the mean patch token: ``[B, 1 + L, D]`` final-normed tokens (cls first,
+        excluded from the mean; all patches or only the visible ones) -> ``[B, projection_dim]``."""
+        return self.image_projection(tokens[:, 1:].mean(dim=1))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False, validate: bool = True) -> torch.Tensor:
+        """Images in the shared image-OSM space: the image projection head on the mean of the final patch tokens
+        (no masking; the official ``img_consistency_prj`` head).
+
+        Args:
+            images: ``[B, C, H, W]`` normalised float images.
+            normalize: L2-normalise the output (for cosine search); False returns the head's raw output, as the
+                official heads do.
+            validate: refuse non-finite pixels (shape and dtype are always checked).
+
+        Returns:
+            ``[B, projection_dim]``.
+        """
+        validate_images(images, self.image_encoder.in_chans, check_finite=validate)
+        embedding = self.project_image_tokens(self.image_encoder.forward_features(images))
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_osm(self, graph: HeteroData, normalize: bool = False, validate: bool = True) -> torch.Tensor:
+        """OSM graphs in the shared image-OSM space: the region projection head on the region embedding of the
+        unmasked graph (the official ``osm_graph_consistency_prj`` head).
+
+        Args:
+            graph: a ``Batch`` of B graphs, or one ``HeteroData``.
+            normalize: L2-normalise the output (for cosine search).
+            validate: check ``graph`` with :func:`~geolink.graph.schema.validate_graph` first.
+
+        Returns:
+            ``[B, projection_dim]``.
+        """
+        _, region = self.osm_encoder.encode(graph, validate=validate)
+        embedding = self.region_projection(region)
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    # ----------------------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, graph: HeteroData, sample_seeds: torch.Tensor | None = None,
                 cross_rank: CrossRank | None = None, validate: bool = True) -> dict[str, torch.Tensor]:
         """One pretraining step's forward pass.
@@ -398,7 +438,7 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
 
         masked_x, node_mask = self.mask_nodes(graph, batch_dict, sample_seeds)
         node_embeddings, region = self.osm_encoder.encode(with_node_features(graph, masked_x), validate=False)
-        image_embedding = self.image_projection(latent[:, 1:].mean(dim=1))
+        image_embedding = self.project_image_tokens(latent)
         region_embedding = self.region_projection(region)
         loss_contrastive = self.forward_contrastive_loss(image_embedding, region_embedding, cross_rank)
 
