@@ -323,6 +323,10 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
         "minilm --out pairs/\n"
         "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
+    Job("embed", "embed every window of GeoTIFFs with their OpenStreetMap context into a GeoParquet table",
+        "geolink.embed.job:EmbedConfig", "geolink.embed.job:embed",
+        "examples:\n  geolink embed scene.tif --osm region.osm.pbf --out scene.parquet\n"
+        "  geolink embed tiles/ --osm none --model geolink_tiny.demo --mode image --out tiles.parquet"),
 )}
 
 

@@ -236,6 +236,9 @@ ERROR_CASES = {
     "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
                      lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
+    "embed": (lambda tmp, fixture: [str(tmp / "missing.tif"), "--osm", "none", "--out", str(tmp / "o.parquet")],
+              lambda tmp, fixture: [str(tmp / "x.tif"), "--osm", "none", "--out", str(tmp / "o.parquet"),
+                                    "--batch-size", "0"]),
 }
 
 

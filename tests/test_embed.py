@@ -1,0 +1,211 @@
+"""``geolink embed`` on real data: the official example tiles written as GeoTIFFs (native size in EPSG:4326, resized
+2 × 2, reprojected to UTM), their per-type GeoJSON files as the OSM source, and the bundled tiny demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from tests.conftest import shared_path
+
+rasterio = pytest.importorskip("rasterio")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from geolink.embed import EmbedConfig, embed, grid_windows  # noqa: E402
+from geolink.embed.windows import window_offsets  # noqa: E402
+
+FI = "a472140250_FI_21"  # polygons, lines and points
+US = "a702502933_US_21"
+UTM_FI = "EPSG:32634"  # lon 21° E
+
+
+def tile_folder(name: str) -> Path:
+    return shared_path("official_examples", "osm_tiles", name)
+
+
+def geojsons(name: str) -> list[str]:
+    return [str(p) for p in sorted(tile_folder(name).glob("*.geojson"))]
+
+
+def write_tile(name: str, out: Path, factor: int = 1, crs: str | None = None) -> Path:
+    """The tile's JPEG as a GeoTIFF over its meta.json bbox (EPSG:4326), resized ``factor`` × or reprojected."""
+    from PIL import Image
+    from rasterio.transform import from_bounds
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    folder = tile_folder(name)
+    west, south, east, north = json.loads((folder / "meta.json").read_text())["bbox_west_south_east_north"]
+    image = Image.open(folder / f"{name}.jpg").convert("RGB")
+    if factor != 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.BICUBIC)
+    pixels = np.asarray(image).transpose(2, 0, 1)
+    transform = from_bounds(west, south, east, north, pixels.shape[2], pixels.shape[1])
+    profile = {"driver": "GTiff", "count": 3, "dtype": "uint8", "crs": "EPSG:4326", "transform": transform,
+               "width": pixels.shape[2], "height": pixels.shape[1]}
+    if crs is not None:
+        dst_transform, width, height = calculate_default_transform("EPSG:4326", crs, pixels.shape[2],
+                                                                   pixels.shape[1], west, south, east, north)
+        target = np.zeros((3, height, width), dtype=np.uint8)
+        reproject(pixels, target, src_transform=transform, src_crs="EPSG:4326", dst_transform=dst_transform,
+                  dst_crs=crs, resampling=Resampling.bilinear)
+        pixels = target
+        profile.update(crs=crs, transform=dst_transform, width=width, height=height, nodata=0)
+    with rasterio.open(out, "w", **profile) as dataset:
+        dataset.write(pixels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("rasters")
+    return {"native": write_tile(FI, folder / "fi.tif"), "big": write_tile(FI, folder / "fi_2x2.tif", factor=2),
+            "utm": write_tile(FI, folder / "fi_utm.tif", crs=UTM_FI), "us": write_tile(US, folder / "us.tif")}
+
+
+def run(images, osm, out: Path, **options) -> tuple[dict, object]:
+    import geopandas
+
+    summary = embed(EmbedConfig(images=tuple(images), osm=tuple(osm), out=out, workers=options.pop("workers", 0),
+                                quiet=True, **options))
+    return summary, geopandas.read_parquet(out)
+
+
+@pytest.fixture(scope="module")
+def native_run(rasters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native") / "fi.parquet"
+    return run([rasters["native"], rasters["big"]], geojsons(FI), out) + (out,)
+
+
+# -------------------------------------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("length", [1, 100, 224, 225, 282, 448, 500])
+def test_window_offsets_cover_the_axis_with_the_last_shifted_inward(length):
+    offsets = window_offsets(length, 224)
+    assert offsets[0] == 0 and offsets == sorted(set(offsets))
+    if length <= 224:
+        assert offsets == [0]  # one (padded) window
+    else:
+        assert offsets[-1] + 224 == length  # ends at the edge
+        assert all(b - a == 224 for a, b in zip(offsets[:-2], offsets[1:-1], strict=True))  # stride = tile
+        assert 0 < offsets[-1] - offsets[-2] <= 224  # the last overlaps its neighbour (or abuts it)
+
+
+def test_the_table_has_one_row_per_window_with_footprints_in_the_raster_crs(native_run, rasters):
+    summary, table, out = native_run
+    expected = []
+    for key in ("native", "big"):
+        with rasterio.open(rasters[key]) as dataset:
+            windows = grid_windows(dataset.height, dataset.width, 224)
+            expected += [(str(rasters[key]), w.row, w.col, shapely.box(*w.bounds(dataset.transform))) for w in windows]
+    assert [(r.image, r.row, r.col) for r in table.itertuples()] == [e[:3] for e in expected]
+    for row, (*_, box) in zip(table.itertuples(), expected, strict=True):
+        assert shapely.normalize(row.geometry).equals_exact(shapely.normalize(box), 1e-9)
+    assert table.crs.to_epsg() == 4326
+    assert summary["rows"] == len(table) == summary["fused"] + summary["image"]
+    assert table["valid_fraction"].between(0, 1).all() and table["osm_coverage"].between(0, 1).all()
+    # the native tile (192 px wide) is narrower than a window: padded, its valid fraction says so
+    native = table[table.image == str(rasters["native"])]
+    assert np.allclose(native.valid_fraction, 192 / 224)
+    assert set(table["mode"]) <= {"fused", "image"}
+    assert (table[table["mode"] == "fused"].num_nodes >= 1).all()
+    info = json.loads(pq.read_schema(out).metadata[b"geolink"])
+    assert info["model"] == "geolink_tiny.demo" and info["text_model"] == "minilm" and info["tile_size"] == 224
+    assert "OpenStreetMap" in info["osm_attribution"] and "fusion(x, g)[-1].mean((2, 3))" in json.dumps(info)
+    geo = json.loads(pq.read_schema(out).metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+
+
+def test_one_window_rebuilt_by_hand_with_the_public_api_gives_the_stored_embedding(native_run, rasters):
+    """rasterio window read → normalise → OSMGraphBuilder → fusion encoder, by hand, against the file."""
+    import torch
+    from rasterio.windows import Window
+
+    from geolink.graph.build import OSMGraphBuilder
+    from geolink.graph.readers import read_geojson
+    from geolink.registry import load_model, resolve_data_config, tag_encoder_for
+    from geolink.runtime import normalise
+
+    _, table, _ = native_run
+    row = table[(table.image == str(rasters["big"])) & (table["mode"] == "fused")].iloc[-1]  # an edge window
+    with rasterio.open(rasters["big"]) as dataset:
+        pixels = dataset.read(window=Window(row.col, row.row, 224, 224))
+        bounds = rasterio.windows.bounds(Window(row.col, row.row, 224, 224), dataset.transform)
+    data = resolve_data_config("geolink_tiny.demo")
+    image = normalise(torch.from_numpy(pixels), data["mean"], data["std"])[None]
+    features = [f for path in geojsons(FI) for f in read_geojson(path)[0]
+                if f[0].intersects(shapely.box(*bounds))]
+    graph = OSMGraphBuilder(tag_encoder=tag_encoder_for("geolink_tiny.demo"), tag_weights="official").build(
+        features, bbox=bounds, crs="EPSG:4326")
+    fusion = load_model("geolink_tiny.demo", component="fusion").eval()
+    with torch.no_grad():
+        expected = fusion(image, graph)[-1].mean((2, 3))[0].numpy()
+    assert row.num_nodes == sum(graph[t].num_nodes for t in ("polygon", "line", "point"))
+    np.testing.assert_allclose(np.asarray(row.embedding, dtype=np.float32), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_utm_raster_and_a_mixed_crs_job(rasters, tmp_path):
+    summary, table = run([rasters["utm"]], geojsons(FI), tmp_path / "utm.parquet")
+    assert table.crs.to_epsg() == 32634 and summary["fused"] >= 1
+    with rasterio.open(rasters["utm"]) as dataset:
+        footprint = shapely.box(*dataset.bounds)
+    assert shapely.union_all(table.geometry.values).buffer(1e-6).covers(footprint)
+    # two CRSs in one job: one file, footprints reprojected to lon/lat (documented)
+    _, mixed = run([rasters["native"], rasters["utm"]], geojsons(FI), tmp_path / "mixed.parquet")
+    assert mixed.crs.to_string() == "OGC:CRS84"
+    west, south, east, north = json.loads((tile_folder(FI) / "meta.json").read_text())["bbox_west_south_east_north"]
+    assert shapely.box(west, south, east, north).buffer(1e-3).covers(shapely.union_all(mixed.geometry.values))
+    # the same place gives the same graph size in either CRS (window footprints differ, so only roughly)
+    assert set(mixed["mode"]) == {"fused"}
+
+
+def test_without_osm_every_window_is_image_mode_with_the_image_encoder_embedding(rasters, tmp_path):
+    import torch
+
+    from geolink.registry import load_model, resolve_data_config
+    from geolink.runtime import normalise
+
+    summary, table = run([rasters["native"]], ["none"], tmp_path / "none.parquet")
+    assert set(table["mode"]) == {"image"} and (table.num_nodes == 0).all() and (table.osm_coverage == 0).all()
+    assert summary["image"] == len(table) and "image_embedding" not in table.columns
+    with rasterio.open(rasters["native"]) as dataset:
+        pixels = np.zeros((3, 224, 224), dtype=np.uint8)
+        pixels[:, :, :dataset.width] = dataset.read(window=rasterio.windows.Window(0, 0, dataset.width, 224))
+    data = resolve_data_config("geolink_tiny.demo")
+    image = normalise(torch.from_numpy(pixels), data["mean"], data["std"])[None]
+    encoder = load_model("geolink_tiny.demo", component="image").eval()
+    with torch.no_grad():
+        expected = encoder.forward_features(image)[0, 1:].mean(0).numpy()
+    np.testing.assert_allclose(np.asarray(table.embedding.iloc[0], dtype=np.float32), expected, rtol=1e-4, atol=1e-5)
+    assert len(expected) == 192
+
+
+def test_auto_mode_falls_back_to_image_below_min_nodes_and_keeps_both_widths(native_run, rasters, tmp_path):
+    counts = sorted(set(native_run[1][native_run[1].image == str(rasters["big"])].num_nodes))
+    assert len(counts) > 1, "the windows of the 2 x 2 tile should differ in node count"
+    threshold = counts[-1]  # only the busiest windows stay fused
+    _, table = run([rasters["big"]], geojsons(FI), tmp_path / "auto.parquet", min_nodes=threshold)
+    fused, image = table[table["mode"] == "fused"], table[table["mode"] == "image"]
+    assert len(fused) and len(image)
+    assert (fused.num_nodes >= threshold).all() and (image.num_nodes < threshold).all()
+    assert fused.image_embedding.isna().all() and image.embedding.isna().all()
+    assert {len(v) for v in fused.embedding} == {128} and {len(v) for v in image.image_embedding} == {192}
+
+
+def test_duckdb_reads_the_output(native_run):
+    duckdb = pytest.importorskip("duckdb")
+    _, table, out = native_run
+    rows = duckdb.sql(f"SELECT mode, count(*) AS n, avg(num_nodes) FROM read_parquet('{out}') GROUP BY mode "
+                      "ORDER BY mode").fetchall()
+    assert {mode: n for mode, n, _ in rows} == table["mode"].value_counts().to_dict()
+
+
+def test_worker_processes_give_the_same_table(native_run, rasters, tmp_path):
+    _, table, _ = native_run
+    _, parallel = run([rasters["native"], rasters["big"]], geojsons(FI), tmp_path / "w2.parquet", workers=2,
+                      batch_size=3)
+    assert parallel.drop(columns=["embedding", "image_embedding"], errors="ignore").equals(
+        table.drop(columns=["embedding", "image_embedding"], errors="ignore"))
+    np.testing.assert_allclose(np.stack(parallel.embedding), np.stack(table.embedding), rtol=1e-4, atol=1e-5)
