@@ -59,6 +59,14 @@ def write_tile(name: str, out: Path, factor: int = 1, crs: str | None = None) ->
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tag_cache(tmp_path_factory):
+    """The on-disk tag-embedding cache of these tests: a temporary folder, not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GEOLINK_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def rasters(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("rasters")
@@ -209,3 +217,52 @@ def test_worker_processes_give_the_same_table(native_run, rasters, tmp_path):
     assert parallel.drop(columns=["embedding", "image_embedding"], errors="ignore").equals(
         table.drop(columns=["embedding", "image_embedding"], errors="ignore"))
     np.testing.assert_allclose(np.stack(parallel.embedding), np.stack(table.embedding), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- resume, overwrite
+def test_a_killed_run_resumed_gives_the_uninterrupted_table(native_run, rasters, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from geolink.errors import ConfigError
+
+    _, table, _ = native_run
+    out = tmp_path / "killed.parquet"
+    command = [sys.executable, "-m", "geolink.cli", "embed", str(rasters["native"]), str(rasters["big"]), "--osm",
+               *geojsons(FI), "--out", str(out), "--workers", "0", "--batch-size", "1", "--part-size", "1", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 240
+    while not list(parts.glob("part-*.parquet")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = len(list(parts.glob("part-*.parquet")))
+    assert 1 <= committed < len(table), "the run should be killed after its first part and before its end"
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="resume"):  # never reused silently
+        run([rasters["native"], rasters["big"]], geojsons(FI), out)
+    summary, resumed = run([rasters["native"], rasters["big"]], geojsons(FI), out, resume=True)
+    assert summary["resumed_windows"] == committed and summary["fused"] + summary["image"] == len(table) - committed
+    assert resumed.drop(columns="embedding").equals(table.drop(columns="embedding"))
+    np.testing.assert_allclose(np.stack(resumed.embedding), np.stack(table.embedding), rtol=1e-4, atol=1e-5)
+    assert not parts.exists()
+
+
+def test_an_existing_output_is_refused_then_moved_aside_with_overwrite(rasters, tmp_path):
+    from geolink.errors import ConfigError
+
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"an earlier result")
+    with pytest.raises(ConfigError, match="already exists"):
+        run([rasters["native"]], ["none"], out)
+    with pytest.warns(UserWarning, match="moved to"):
+        _, table = run([rasters["native"]], ["none"], out, overwrite=True)
+    assert (tmp_path / "o.parquet.previous-1" / "o.parquet").read_bytes() == b"an earlier result"
+    assert len(table) == 2
+    summary = embed(EmbedConfig(images=(rasters["native"],), osm=("none",), out=out, resume=True, quiet=True))
+    assert summary["note"] == "already complete"

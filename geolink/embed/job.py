@@ -381,6 +381,8 @@ def _open_parts(out: Path, fingerprint: str, resume: bool) -> tuple[Path, set[tu
         temporary = stamp.with_name(".job.json.tmp")
         temporary.write_text(fingerprint, encoding="utf-8")
         os.replace(temporary, stamp)
+    for stale in folder.glob(".*.tmp"):  # a part a killed run was writing: never committed
+        stale.unlink()
     done: set[tuple[str, int, int]] = set()
     paths = part_paths(folder)
     for path in paths:
