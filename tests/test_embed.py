@@ -266,3 +266,86 @@ def test_an_existing_output_is_refused_then_moved_aside_with_overwrite(rasters, 
     assert len(table) == 2
     summary = embed(EmbedConfig(images=(rasters["native"],), osm=("none",), out=out, resume=True, quiet=True))
     assert summary["note"] == "already complete"
+
+
+# --------------------------------------------------------------------------------------------------- bad inputs
+def write_raster(path: Path, count: int = 3, dtype: str = "uint8", crs: str | None = "EPSG:32634",
+                 size: int = 300) -> Path:
+    from rasterio.transform import from_origin
+
+    pixels = (np.arange(count * size * size) % 251).reshape(count, size, size).astype(dtype)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=count, dtype=dtype, crs=crs,
+                       transform=from_origin(500000, 7000000, 1, 1)) as dataset:
+        dataset.write(pixels)
+    return path
+
+
+def test_bad_rasters_get_one_error_naming_the_file(tmp_path):
+    from geolink.embed.windows import inspect_raster
+    from geolink.errors import DataError, InputError
+
+    cases = {"no_crs.tif": ({"crs": None}, InputError, "has no CRS"),
+             "four_bands.tif": ({"count": 4}, InputError, "gives 4 band"),
+             "complex.tif": ({"dtype": "complex64"}, InputError, "pixel type complex64")}
+    for name, (options, error, words) in cases.items():
+        path = write_raster(tmp_path / name, **options)
+        with pytest.raises(error, match=words) as caught:
+            inspect_raster(path, in_chans=3)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert inspect_raster(tmp_path / "no_crs.tif", 3, crs="EPSG:32634").crs == "EPSG:32634"  # crs overrides
+    assert inspect_raster(tmp_path / "four_bands.tif", 3, bands=(3, 2, 1)).bands == (3, 2, 1)
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"II*\x00 this is not a GeoTIFF" * 10)
+    with pytest.raises(DataError, match="garbage.tif cannot be read as a raster"):
+        inspect_raster(garbage, 3)
+    with pytest.raises(InputError, match="pass scale"):  # integer pixels other than uint8 need a scale
+        from geolink.embed.windows import scale_for
+
+        scale_for("uint16", None, tmp_path / "x.tif")
+
+
+def test_the_command_line_prints_one_line_for_a_raster_without_crs(tmp_path, capsys):
+    from geolink.cli import main
+
+    path = write_raster(tmp_path / "no_crs.tif", crs=None)
+    code = main(["embed", str(path), "--osm", "none", "--out", str(tmp_path / "o.parquet"), "--workers", "0",
+                 "--quiet"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and str(path) in errors[0] and "pass crs" in errors[0]
+
+
+def test_a_damaged_raster_stops_the_job_unless_keep_going(rasters, tmp_path):
+    from geolink.errors import DataError
+
+    good = write_raster(tmp_path / "good.tif", size=300)
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"not a raster at all")
+    with pytest.raises(DataError, match="truncated.tif is damaged"):
+        run([good, truncated], ["none"], tmp_path / "stop.parquet")
+    with pytest.warns(UserWarning, match="keep_going"):
+        summary, table = run([good, truncated, garbage], ["none"], tmp_path / "go.parquet", keep_going=True,
+                             overwrite=True)
+    assert summary["failed_rasters"] == 1 and summary["failed_windows"] == 4  # 300 px: 2 x 2 windows each
+    assert set(table.image) == {str(good)} and len(table) == 4
+
+
+def test_osm_that_misses_the_rasters_warns_and_embeds_images_alone(rasters, tmp_path):
+    with pytest.warns(UserWarning, match="do not overlap image"):
+        summary, table = run([rasters["us"]], geojsons(FI), tmp_path / "miss.parquet")
+    assert set(table["mode"]) == {"image"} and summary["fused"] == 0 and (table.num_nodes == 0).all()
+
+
+def test_an_empty_osm_source_warns_and_an_unreadable_one_is_an_error(tmp_path):
+    from geolink.embed import OSMSources
+    from geolink.errors import DataError
+
+    empty = tmp_path / "empty.geojson"
+    empty.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.warns(UserWarning, match="empty.geojson holds no feature"):
+        assert len(OSMSources([empty])) == 0
+    broken = tmp_path / "broken.geojson"
+    broken.write_text("")
+    with pytest.raises(DataError, match="broken.geojson cannot be read"):
+        OSMSources([broken])

@@ -141,18 +141,18 @@ class EmbedDataset(Dataset):
         min_valid: windows whose valid fraction is below it are skipped (image None); a window without a valid
             pixel always is.
         windows: ``(raster position, Window)`` pairs to serve instead of every window (resume, shards).
-        keep_going: a window whose pixels cannot be read is skipped with ``meta["error"]`` instead of raising.
 
     Items:
         ``image``: ``[C, S, S]`` float32 normalised, None for a skipped window; ``graph``: the window's
         ``HeteroData`` for a ``fused`` window, else None; ``meta``: ``image`` (path), ``raster``, ``row``, ``col``,
-        ``mode``, ``num_nodes``, ``osm_coverage``, ``valid_fraction``, ``skipped``.
+        ``mode``, ``num_nodes``, ``osm_coverage``, ``valid_fraction``, ``skipped``, and ``error`` (the message)
+        for a window whose pixels cannot be read (a damaged file): the consumer decides to stop or go on.
     """
 
     def __init__(self, rasters: Sequence[RasterInfo], tile_size: int, mean: Sequence[float], std: Sequence[float],
                  sources: OSMSources | None = None, tag_encoder: Any = None, scale: float | None = None,
                  mode: str = "auto", min_nodes: int = 1, min_valid: float = 0.05,
-                 windows: Sequence[tuple[int, Window]] | None = None, keep_going: bool = False) -> None:
+                 windows: Sequence[tuple[int, Window]] | None = None) -> None:
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "fused" and sources is None:
@@ -165,7 +165,6 @@ class EmbedDataset(Dataset):
         self.sources = sources
         self.builder = OSMGraphBuilder(tag_encoder=tag_encoder, tag_weights="official")
         self.scale, self.mode, self.min_nodes, self.min_valid = scale, mode, int(min_nodes), float(min_valid)
-        self.keep_going = keep_going
         self.windows = list(windows) if windows is not None else [
             (k, window) for k, info in enumerate(self.rasters)
             for window in grid_windows(info.height, info.width, self.tile_size)]
@@ -206,10 +205,7 @@ class EmbedDataset(Dataset):
                 "num_nodes": 0, "osm_coverage": 0.0, "mode": "image", "skipped": True}
         try:
             pixels, valid = read_window(self._source(k), info, window)
-        except DataError as err:
-            if not self.keep_going:
-                raise
-            warnings.warn(f"{err}; skipped (keep_going)", UserWarning, stacklevel=2)
+        except DataError as err:  # reported by the consumer (a worker's exception would arrive as a traceback)
             return None, None, {**meta, "error": str(err)}
         valid_fraction = meta["valid_fraction"] = float(valid.mean())
         meta["skipped"] = valid_fraction <= 0.0 or valid_fraction < self.min_valid

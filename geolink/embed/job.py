@@ -321,7 +321,7 @@ def prepare_job(config: EmbedConfig) -> dict[str, Any]:
                                  cache_dir=config.text_cache or cache_dir() / "tags")
     dataset = EmbedDataset(rasters, tile_size, data["mean"], data["std"], sources=sources, tag_encoder=tag_encoder,
                            scale=config.scale, mode=config.mode.value, min_nodes=config.min_nodes,
-                           min_valid=config.min_valid, keep_going=config.keep_going)
+                           min_valid=config.min_valid)
     if tag_encoder is not None:  # embed every tag string once, here: workers then only read the cache
         strings = {s for tags in sources.tags() for s in dataset.builder.tag_strings(tags)}
         tag_encoder.encode(sorted(strings), progress=not config.quiet)
@@ -460,6 +460,11 @@ def run_local(config: EmbedConfig, job: dict[str, Any], todo: Sequence[tuple[int
 
     with tqdm(total=len(todo), desc="embedding", unit="window", disable=config.quiet) as bar:
         for images, graphs, metas in loader:
+            errors = [m["error"] for m in metas if m.get("error")]
+            if errors and not config.keep_going:
+                raise DataError(errors[0])
+            for message in errors:
+                warnings.warn(f"{message}; skipped (keep_going)", UserWarning, stacklevel=2)
             kept = [m for m in metas if not m["skipped"]]
             counts["skipped"] += sum(m["skipped"] and not m.get("error") for m in metas)
             counts["failed_windows"] += sum(bool(m.get("error")) for m in metas)

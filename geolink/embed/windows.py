@@ -242,8 +242,9 @@ def read_window(source: Any, info: RasterInfo, window: Window) -> tuple[np.ndarr
         pixels = source.read(indexes=list(info.bands), window=region)
         masks = source.read_masks(indexes=list(info.bands), window=region)
     except Exception as err:  # rasterio raises RasterioIOError / CPLE_* errors for damaged blocks
-        raise DataError(f"image {info.path}: window row={window.row} col={window.col} cannot be read "
-                        f"({' '.join(str(err).split())[:200]})") from None
+        reason = " ".join(str(err.__cause__ or err).split())[:200]
+        raise DataError(f"image {info.path} is damaged: window row={window.row} col={window.col} cannot be read "
+                        f"({reason}); pass keep_going to skip what cannot be read") from None
     inside = (masks > 0).all(axis=0)
     if pixels.dtype.kind == "f":
         inside &= np.isfinite(pixels).all(axis=0)
