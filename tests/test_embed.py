@@ -349,3 +349,31 @@ def test_an_empty_osm_source_warns_and_an_unreadable_one_is_an_error(tmp_path):
     broken.write_text("")
     with pytest.raises(DataError, match="broken.geojson cannot be read"):
         OSMSources([broken])
+
+
+# ------------------------------------------------------------------------------------------- shards and engines
+def test_shards_split_the_windows_without_overlap_and_cover_the_job(native_run, rasters, tmp_path):
+    from geolink.graph.tiles import TileShard
+
+    _, table, _ = native_run
+    shards = [run([rasters["native"], rasters["big"]], geojsons(FI), tmp_path / f"s{i}.parquet",
+                  shard=TileShard(i, 2))[1] for i in range(2)]
+    keys = [set(zip(s.image, s.row, s.col, strict=True)) for s in shards]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == set(zip(table.image, table.row, table.col, strict=True))
+    assert {len(k) for k in keys} == {len(table) // 2}
+
+
+def test_the_ray_engine_gives_the_local_table(native_run, rasters, tmp_path):
+    ray = pytest.importorskip("ray")
+    _, table, _ = native_run
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary, distributed = run([rasters["native"], rasters["big"]], geojsons(FI), tmp_path / "ray.parquet",
+                                   engine="ray", workers=1, batch_size=4)
+    finally:
+        ray.shutdown()
+    assert summary["rows"] == len(table)
+    distributed = distributed.sort_values(["image", "row", "col"]).reset_index(drop=True)
+    local = table.sort_values(["image", "row", "col"]).reset_index(drop=True)
+    assert distributed.drop(columns="embedding").equals(local.drop(columns="embedding"))
+    np.testing.assert_allclose(np.stack(distributed.embedding), np.stack(local.embedding), rtol=1e-4, atol=1e-5)

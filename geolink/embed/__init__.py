@@ -9,9 +9,10 @@ Dataset (:mod:`~geolink.embed.dataset`), the GeoParquet output (:mod:`~geolink.e
 from __future__ import annotations
 
 from geolink.embed.dataset import EmbedDataset, OSMSources, collate_windows, osm_coverage
-from geolink.embed.job import EmbedConfig, EmbedMode, WindowEncoder, embed, load_window_encoder
+from geolink.embed.encoder import WindowEncoder, load_window_encoder
+from geolink.embed.job import EmbedConfig, EmbedMode, Engine, embed
 from geolink.embed.windows import RasterInfo, Window, grid_windows, inspect_raster, read_window, to_model_input
 
-__all__ = ["EmbedConfig", "EmbedDataset", "EmbedMode", "OSMSources", "RasterInfo", "Window",
+__all__ = ["EmbedConfig", "EmbedDataset", "EmbedMode", "Engine", "OSMSources", "RasterInfo", "Window",
            "WindowEncoder", "collate_windows", "embed", "grid_windows", "inspect_raster", "load_window_encoder",
            "osm_coverage", "read_window", "to_model_input"]

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import shapely
-import torch
 
 from geolink.embed.dataset import NO_OSM, EmbedDataset, OSMSources, check_overlap, collate_windows, job_fingerprint
+from geolink.embed.encoder import WindowEncoder, load_window_encoder, window_errors
 from geolink.embed.output import (
     EMBEDDING_DEFINITIONS,
     ODBL_ATTRIBUTION,
@@ -41,7 +41,7 @@ from geolink.embed.windows import RasterInfo, expand_images, inspect_raster
 from geolink.errors import ConfigError, DataError, InputError
 from geolink.graph.readers import reproject, reproject_bbox
 from geolink.graph.tiles import TileShard
-from geolink.runtime import Precision, autocast, option, resolve_device, resolve_precision
+from geolink.runtime import Precision, option
 
 MULTI_CRS = "OGC:CRS84"
 """The CRS of a file whose rasters are in several CRSs (footprints reprojected)."""
@@ -54,6 +54,14 @@ class EmbedMode(str, enum.Enum):
     AUTO = "auto"
     FUSED = "fused"
     IMAGE = "image"
+
+
+class Engine(str, enum.Enum):
+    """Where the windows run: ``local`` (this process and its DataLoader workers) or ``ray`` (a Ray cluster, started
+    locally when none is connected)."""
+
+    LOCAL = "local"
+    RAY = "ray"
 
 
 class Bands(tuple):
@@ -104,6 +112,7 @@ class EmbedConfig:
     resume: bool = option(False, "continue a killed run from its committed parts")
     overwrite: bool = option(False, "move an existing output aside (<out>.previous-<n>) and start again")
     keep_going: bool = option(False, "skip (and count) unreadable rasters and windows instead of stopping")
+    engine: Engine = option(Engine.LOCAL, "local, or ray (a Ray cluster; pip install geolink[distributed])")
     shard: TileShard | None = option(None, "i/n: embed only the windows k with k mod n = i (job arrays)")
     part_size: int = option(256, "windows per committed part")
     text_cache: Path | None = option(None, "folder of the on-disk tag-embedding cache (default: "
@@ -114,7 +123,7 @@ class EmbedConfig:
         self.images = tuple(Path(p) for p in self.images)
         self.osm = tuple(str(s) for s in self.osm)
         self.out = Path(self.out)
-        self.mode = EmbedMode(self.mode)
+        self.mode, self.engine = EmbedMode(self.mode), Engine(self.engine)
         self.precision = Precision(self.precision)
         self.text_cache = Path(self.text_cache) if self.text_cache is not None else None
         if self.bands is not None:
@@ -149,72 +158,6 @@ class EmbedConfig:
     def sources(self) -> tuple[str, ...]:
         """The OSM source files (empty for none)."""
         return () if self.osm == (NO_OSM,) else self.osm
-
-
-# ---------------------------------------------------------------------------------------------------- the model
-class WindowEncoder:
-    """A fusion encoder (and its image encoder) on a device, turning batches of windows into embeddings.
-
-    ``fused`` windows: ``fusion(x, g)[-1].mean((2, 3))``; ``image`` windows: the image encoder's final normed patch
-    tokens averaged, cls excluded (:data:`geolink.embed.output.EMBEDDING_DEFINITIONS`).
-
-    Args:
-        fusion: a :class:`~geolink.models.GeoLinkFusionEncoder` (``load_model(..., component="fusion")``).
-        device, precision: where and how it runs.
-    """
-
-    def __init__(self, fusion: torch.nn.Module, device: str | torch.device = "auto",
-                 precision: Precision | str = Precision.AUTO) -> None:
-        self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
-        self.fusion = fusion.eval().to(self.device)
-        self.image_encoder = self.fusion.image_encoder
-
-    @property
-    def dims(self) -> dict[str, int]:
-        """Embedding width per mode."""
-        return {"fused": self.fusion.fusion_dim, "image": self.image_encoder.embed_dim}
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, graphs: Sequence[Any], modes: Sequence[str], patch_maps: bool = False
-                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Embeddings (float32 numpy, one per window) of ``images [B, C, S, S]``; ``graphs[i]`` is used for the
-        fused windows. With ``patch_maps`` also each window's last map ``[D, S/p, S/p]``."""
-        from torch_geometric.data import Batch
-
-        images = images.to(self.device, non_blocking=True)
-        out: list[np.ndarray | None] = [None] * len(modes)
-        maps: list[np.ndarray | None] = [None] * len(modes)
-        fused = [i for i, m in enumerate(modes) if m == "fused"]
-        plain = [i for i, m in enumerate(modes) if m != "fused"]
-        with autocast(self.device, self.dtype):
-            if fused:
-                batch = Batch.from_data_list([graphs[i] for i in fused]).to(self.device)
-                last = self.fusion(images[fused], batch, validate=False)[-1].float()
-                for i, vector, grid in zip(fused, last.mean((2, 3)).cpu().numpy(), last.cpu().numpy(), strict=True):
-                    out[i], maps[i] = vector, grid if patch_maps else None
-            if plain:
-                tokens = self.image_encoder.forward_features(images[plain])[:, 1:].float()
-                patch = self.image_encoder.patch_size
-                grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-                grids = tokens.transpose(1, 2).reshape(len(plain), -1, *grid) if patch_maps else None
-                for k, (i, vector) in enumerate(zip(plain, tokens.mean(1).cpu().numpy(), strict=True)):
-                    out[i] = vector
-                    maps[i] = grids[k].cpu().numpy() if patch_maps else None
-        return out, maps if patch_maps else None
-
-
-def load_window_encoder(model: str, device: str = "auto", precision: Precision | str = Precision.AUTO
-                        ) -> tuple[WindowEncoder, dict[str, Any]]:
-    """The :class:`WindowEncoder` of ``model`` and its data config (``mean``, ``std``, ``input_size``)."""
-    from geolink.registry import load_model, resolve_data_config
-
-    fusion = load_model(model, component="fusion")
-    try:
-        data = resolve_data_config(model)  # a tag: its own mean / std
-    except (ConfigError, InputError):
-        data = resolve_data_config(fusion)
-    return WindowEncoder(fusion, device, precision), data
 
 
 def text_model_of(config: EmbedConfig) -> str:
@@ -417,7 +360,13 @@ def embed(config: EmbedConfig) -> dict[str, Any]:
                "windows": len(job["windows"]), "resumed_windows": len(job["windows"]) - len(todo), "fused": 0,
                "image": 0, "skipped": 0, "failed_windows": 0}
     setup_s = time.perf_counter() - start
-    counts = run_local(config, job, todo, folder, number)
+    parts = PartWriter(folder, number, job, config.part_size)
+    if config.engine is Engine.RAY:
+        from geolink.embed.distributed import run_ray
+
+        counts = run_ray(config, job, todo, parts)
+    else:
+        counts = run_local(config, job, todo, parts)
     summary.update({k: summary[k] + counts.get(k, 0) for k in ("fused", "image", "skipped", "failed_windows")})
     table = read_parts(folder, job["columns"])
     order = {str(info.path): k for k, info in enumerate(job["rasters"])}
@@ -432,59 +381,67 @@ def embed(config: EmbedConfig) -> dict[str, Any]:
     return summary
 
 
-def run_local(config: EmbedConfig, job: dict[str, Any], todo: Sequence[tuple[int, Any]], folder: Path,
-              number: int) -> dict[str, int]:
-    """Embed ``todo`` in this process: a DataLoader (``config.workers`` processes) feeding batched inference;
-    finished windows committed every ``config.part_size`` windows."""
+class PartWriter:
+    """Commits finished windows of a run as parts: every ``part_size`` rows one Parquet file, written atomically
+    (both engines use it, so ``resume`` continues a run of either).
+
+    Args:
+        folder: the parts folder; number: the next part number.
+        job: :func:`prepare_job`'s result (rasters, tile size, columns, file CRS).
+    """
+
+    def __init__(self, folder: Path, number: int, job: dict[str, Any], part_size: int) -> None:
+        self.folder, self.number, self.job, self.part_size = folder, number, job, part_size
+        self.metas: list[dict[str, Any]] = []
+        self.geometries: list[shapely.Geometry] = []
+        self.embeddings: list[np.ndarray] = []
+
+    def add(self, metas: Sequence[dict[str, Any]], embeddings: Sequence[np.ndarray]) -> None:
+        """Queue embedded windows (their footprints made here); commit when a part is full."""
+        from geolink.embed.windows import Window
+
+        for meta, embedding in zip(metas, embeddings, strict=True):
+            info = self.job["dataset"].rasters[meta["raster"]]
+            window = Window(int(meta["row"]), int(meta["col"]), self.job["tile_size"])
+            self.metas.append(meta)
+            self.geometries.append(footprint_in(info, window.footprint(info.transform), self.job["crs"]))
+            self.embeddings.append(embedding)
+        if len(self.metas) >= self.part_size:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the queued windows as the next part."""
+        if self.metas:
+            table = rows_table(self.metas, self.geometries, self.embeddings, self.job["columns"])
+            write_atomic(table, self.folder / f"part-{self.number:06d}.parquet")
+            self.number += 1
+        self.metas, self.geometries, self.embeddings = [], [], []
+
+
+def run_local(config: EmbedConfig, job: dict[str, Any], todo: Sequence[tuple[int, Any]], parts: PartWriter
+              ) -> dict[str, int]:
+    """Embed ``todo`` in this process: a DataLoader (``config.workers`` processes reading pixels and building
+    graphs) feeding batched inference; finished windows go to ``parts``."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    dataset: EmbedDataset = job["dataset"]
     encoder: WindowEncoder = job["encoder"]
-    subset = copy.copy(dataset)
+    subset = copy.copy(job["dataset"])
     subset.windows = list(todo)
-    loader = DataLoader(subset, batch_size=config.batch_size, num_workers=config.workers if len(todo) > 1 else 0,
-                        collate_fn=collate_windows, multiprocessing_context="fork" if config.workers else None,
-                        persistent_workers=False)
+    workers = config.workers if len(todo) > 1 else 0
+    loader = DataLoader(subset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_windows,
+                        multiprocessing_context="fork" if workers else None, prefetch_factor=4 if workers else None)
     counts = {"fused": 0, "image": 0, "skipped": 0, "failed_windows": 0}
-    pending: dict[str, list] = {"metas": [], "geometries": [], "embeddings": []}
-
-    def commit() -> None:
-        nonlocal number
-        if pending["metas"]:
-            table = rows_table(pending["metas"], pending["geometries"], pending["embeddings"], job["columns"])
-            write_atomic(table, folder / f"part-{number:06d}.parquet")
-            number += 1
-        for values in pending.values():
-            values.clear()
-
     with tqdm(total=len(todo), desc="embedding", unit="window", disable=config.quiet) as bar:
         for images, graphs, metas in loader:
-            errors = [m["error"] for m in metas if m.get("error")]
-            if errors and not config.keep_going:
-                raise DataError(errors[0])
-            for message in errors:
-                warnings.warn(f"{message}; skipped (keep_going)", UserWarning, stacklevel=2)
-            kept = [m for m in metas if not m["skipped"]]
+            counts["failed_windows"] += window_errors(metas, config.keep_going)
             counts["skipped"] += sum(m["skipped"] and not m.get("error") for m in metas)
-            counts["failed_windows"] += sum(bool(m.get("error")) for m in metas)
+            kept = [m for m in metas if not m["skipped"]]
             if kept:
                 embeddings, _ = encoder(images, graphs, [m["mode"] for m in kept])
-                for meta, embedding in zip(kept, embeddings, strict=True):
-                    info = dataset.rasters[meta["raster"]]
-                    window = _window_of(meta, job["tile_size"])
-                    pending["metas"].append(meta)
-                    pending["geometries"].append(footprint_in(info, window.footprint(info.transform), job["crs"]))
-                    pending["embeddings"].append(embedding)
+                parts.add(kept, embeddings)
+                for meta in kept:
                     counts[meta["mode"]] += 1
             bar.update(len(metas))
-            if len(pending["metas"]) >= config.part_size:
-                commit()
-    commit()
+    parts.commit()
     return counts
-
-
-def _window_of(meta: dict[str, Any], tile_size: int) -> Any:
-    from geolink.embed.windows import Window
-
-    return Window(int(meta["row"]), int(meta["col"]), tile_size)
