@@ -377,3 +377,17 @@ def test_the_ray_engine_gives_the_local_table(native_run, rasters, tmp_path):
     local = table.sort_values(["image", "row", "col"]).reset_index(drop=True)
     assert distributed.drop(columns="embedding").equals(local.drop(columns="embedding"))
     np.testing.assert_allclose(np.stack(distributed.embedding), np.stack(local.embedding), rtol=1e-4, atol=1e-5)
+
+
+def test_maps_are_georeferenced_pca_quicklooks_on_the_patch_grid(rasters, tmp_path):
+    summary, _ = run([rasters["big"]], geojsons(FI), tmp_path / "maps.parquet", maps=tmp_path / "maps")
+    [path] = summary["maps"]
+    with rasterio.open(rasters["big"]) as raster, rasterio.open(path) as quicklook:
+        assert quicklook.count == 3 and quicklook.crs == raster.crs
+        assert (quicklook.height, quicklook.width) == (-(-raster.height // 16), -(-raster.width // 16))
+        assert np.allclose([quicklook.transform.a, quicklook.transform.e],
+                           [raster.transform.a * 16, raster.transform.e * 16])
+        assert np.allclose(quicklook.bounds[0::3], raster.bounds[0::3])  # same west / north corner
+        pixels = quicklook.read()
+    assert (pixels >= 1).all(), "every patch cell of the raster is covered by a window"
+    assert len(np.unique(pixels.reshape(3, -1), axis=1).T) > 10  # the features vary over the scene

@@ -41,29 +41,32 @@ class WindowEncoder:
     def __call__(self, images: torch.Tensor, graphs: Sequence[Any], modes: Sequence[str], patch_maps: bool = False
                  ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """Embeddings (float32 numpy, one per window) of ``images [B, C, S, S]``; ``graphs[i]`` is used for the
-        fused windows. With ``patch_maps`` also each window's last map ``[D, S/p, S/p]``."""
+        fused windows. With ``patch_maps`` also every window's image-encoder patch tokens on the patch grid
+        ``[D_image, S/p, S/p]`` (the same features for either mode: what ``maps`` draws)."""
         from torch_geometric.data import Batch
 
         images = images.to(self.device, non_blocking=True)
         out: list[np.ndarray | None] = [None] * len(modes)
-        maps: list[np.ndarray | None] = [None] * len(modes)
         fused = [i for i, m in enumerate(modes) if m == "fused"]
         plain = [i for i, m in enumerate(modes) if m != "fused"]
+        grids = None
         with autocast(self.device, self.dtype):
             if fused:
                 batch = Batch.from_data_list([graphs[i] for i in fused]).to(self.device)
                 last = self.fusion(images[fused], batch, validate=False)[-1].float()
-                for i, vector, grid in zip(fused, last.mean((2, 3)).cpu().numpy(), last.cpu().numpy(), strict=True):
-                    out[i], maps[i] = vector, grid if patch_maps else None
-            if plain:
-                tokens = self.image_encoder.forward_features(images[plain])[:, 1:].float()
-                patch = self.image_encoder.patch_size
-                grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-                grids = tokens.transpose(1, 2).reshape(len(plain), -1, *grid) if patch_maps else None
-                for k, (i, vector) in enumerate(zip(plain, tokens.mean(1).cpu().numpy(), strict=True)):
+                for i, vector in zip(fused, last.mean((2, 3)).cpu().numpy(), strict=True):
                     out[i] = vector
-                    maps[i] = grids[k].cpu().numpy() if patch_maps else None
-        return out, maps if patch_maps else None
+            wanted = list(range(len(modes))) if patch_maps else plain
+            if wanted:
+                tokens = self.image_encoder.forward_features(images[wanted])[:, 1:].float()
+                for i, vector in zip(wanted, tokens.mean(1).cpu().numpy(), strict=True):
+                    if i in plain:
+                        out[i] = vector
+                if patch_maps:
+                    patch = self.image_encoder.patch_size
+                    grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+                    grids = list(tokens.transpose(1, 2).reshape(len(wanted), -1, *grid).cpu().numpy())
+        return out, grids
 
 
 def load_window_encoder(model: str, device: str = "auto", precision: Precision | str = Precision.AUTO

@@ -112,6 +112,8 @@ class EmbedConfig:
     resume: bool = option(False, "continue a killed run from its committed parts")
     overwrite: bool = option(False, "move an existing output aside (<out>.previous-<n>) and start again")
     keep_going: bool = option(False, "skip (and count) unreadable rasters and windows instead of stopping")
+    maps: Path | None = option(None, "folder for one GeoTIFF per raster: a 3-band PCA quick-look of the patch "
+                                     "features, georeferenced")
     engine: Engine = option(Engine.LOCAL, "local, or ray (a Ray cluster; pip install geolink[distributed])")
     shard: TileShard | None = option(None, "i/n: embed only the windows k with k mod n = i (job arrays)")
     part_size: int = option(256, "windows per committed part")
@@ -124,6 +126,7 @@ class EmbedConfig:
         self.osm = tuple(str(s) for s in self.osm)
         self.out = Path(self.out)
         self.mode, self.engine = EmbedMode(self.mode), Engine(self.engine)
+        self.maps = Path(self.maps) if self.maps is not None else None
         self.precision = Precision(self.precision)
         self.text_cache = Path(self.text_cache) if self.text_cache is not None else None
         if self.bands is not None:
@@ -151,6 +154,8 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
+        if self.maps is not None and self.engine is Engine.RAY:
+            raise ConfigError("maps are drawn by engine local only; leave maps out or use engine local")
         if self.resume and self.overwrite:
             raise ConfigError("pass resume or overwrite, not both")
 
@@ -368,6 +373,8 @@ def embed(config: EmbedConfig) -> dict[str, Any]:
     else:
         counts = run_local(config, job, todo, parts)
     summary.update({k: summary[k] + counts.get(k, 0) for k in ("fused", "image", "skipped", "failed_windows")})
+    if "maps" in counts:
+        summary["maps"] = counts["maps"]
     table = read_parts(folder, job["columns"])
     order = {str(info.path): k for k, info in enumerate(job["rasters"])}
     keys = np.lexsort((np.asarray(table["col"]), np.asarray(table["row"]),
@@ -431,17 +438,26 @@ def run_local(config: EmbedConfig, job: dict[str, Any], todo: Sequence[tuple[int
     workers = config.workers if len(todo) > 1 else 0
     loader = DataLoader(subset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_windows,
                         multiprocessing_context="fork" if workers else None, prefetch_factor=4 if workers else None)
-    counts = {"fused": 0, "image": 0, "skipped": 0, "failed_windows": 0}
+    counts: dict[str, Any] = {"fused": 0, "image": 0, "skipped": 0, "failed_windows": 0}
+    maps = None
+    if config.maps is not None:
+        from geolink.embed.maps import RasterMaps
+
+        maps = RasterMaps(config.maps, job["dataset"].rasters, encoder.image_encoder.patch_size)
     with tqdm(total=len(todo), desc="embedding", unit="window", disable=config.quiet) as bar:
         for images, graphs, metas in loader:
             counts["failed_windows"] += window_errors(metas, config.keep_going)
             counts["skipped"] += sum(m["skipped"] and not m.get("error") for m in metas)
             kept = [m for m in metas if not m["skipped"]]
             if kept:
-                embeddings, _ = encoder(images, graphs, [m["mode"] for m in kept])
+                embeddings, patch_maps = encoder(images, graphs, [m["mode"] for m in kept], maps is not None)
                 parts.add(kept, embeddings)
+                for meta, patch_map in zip(kept, patch_maps or (), strict=False):
+                    maps.add(meta, patch_map)
                 for meta in kept:
                     counts[meta["mode"]] += 1
             bar.update(len(metas))
     parts.commit()
+    if maps is not None:
+        counts["maps"] = maps.write()
     return counts
