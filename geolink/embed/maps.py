@@ -1,11 +1,11 @@
 """``geolink embed --maps DIR``: per raster, a georeferenced GeoTIFF quick-look of patch-level features.
 
-Each window's image-encoder patch tokens (final normed, ``[D, S/p, S/p]``) are placed on the raster's patch grid (one
-cell = ``p`` × ``p`` pixels; a window whose offset is not a multiple of ``p`` lands on the nearest cells below;
-later windows overwrite the overlap); the raster's cells are then projected on their first three principal
-components, each stretched between its 2nd and 98th percentile to 1..255 (0 = no window). The GeoTIFF's transform is
-the raster's scaled by ``p``, in the raster's CRS. The features are held in memory (float16) until the end of the
-run: memory grows with the raster's area when maps are asked for.
+Each window's image-encoder patch tokens (final normed, ``[D, S/p, S/p]``) are placed on the raster's patch grid
+(one cell = ``p`` × ``p`` pixels; a window lands on the cell of its top-left corner, the last row and column of
+windows on the raster's last cells; later windows overwrite the overlap); the raster's cells are then projected on
+their first three principal components, each stretched between its 2nd and 98th percentile to 1..255 (0 = no
+window). The GeoTIFF's transform is the raster's scaled by ``p``, in the raster's CRS. The features are held in
+memory (float16) until the end of the run: memory grows with the raster's area when maps are asked for.
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ class RasterMaps:
         if k not in self.features:
             self.features[k] = np.zeros((rows, cols, patch_map.shape[0]), dtype=np.float16)
             self.filled[k] = np.zeros((rows, cols), dtype=bool)
-        top, left = int(meta["row"]) // self.patch, int(meta["col"]) // self.patch
+        size = patch_map.shape[1] * self.patch
+        # a window ending at the raster's edge is aligned to the edge's cell, the others to the cell of their corner
+        row, col = int(meta["row"]), int(meta["col"])
+        top = max(0, rows - patch_map.shape[1]) if row + size >= info.height else row // self.patch
+        left = max(0, cols - patch_map.shape[2]) if col + size >= info.width else col // self.patch
         grid = patch_map.transpose(1, 2, 0)[: rows - top, : cols - left]
         self.features[k][top:top + grid.shape[0], left:left + grid.shape[1]] = grid
         self.filled[k][top:top + grid.shape[0], left:left + grid.shape[1]] = True
