@@ -3,6 +3,7 @@ two definitions of :data:`geolink.embed.output.EMBEDDING_DEFINITIONS`), shared b
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -69,12 +70,20 @@ class WindowEncoder:
         return out, grids
 
 
+@functools.lru_cache(maxsize=2)
+def _fusion_model(model: str) -> torch.nn.Module:
+    """The fusion encoder of ``model``, loaded once per process (repeated jobs in one session reuse it)."""
+    from geolink.registry import load_model
+
+    return load_model(model, component="fusion").eval().requires_grad_(False)
+
+
 def load_window_encoder(model: str, device: str = "auto", precision: Precision | str = Precision.AUTO
                         ) -> tuple[WindowEncoder, dict[str, Any]]:
     """The :class:`WindowEncoder` of ``model`` and its data config (``mean``, ``std``, ``input_size``)."""
-    from geolink.registry import load_model, resolve_data_config
+    from geolink.registry import resolve_data_config
 
-    fusion = load_model(model, component="fusion")
+    fusion = _fusion_model(model)
     try:
         data = resolve_data_config(model)  # a tag: its own mean / std
     except (ConfigError, InputError):

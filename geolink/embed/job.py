@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import os
 import re
 import shutil
@@ -245,6 +246,14 @@ def _inspect_all(config: EmbedConfig, paths: Sequence[Path], in_chans: int) -> t
     return rasters, failed
 
 
+@functools.lru_cache(maxsize=2)
+def _tag_encoder(text_model: str, device: str, cache: Path) -> Any:
+    """The tag encoder of a text model, loaded once per process (its cache only ever holds deterministic values)."""
+    from geolink.graph.text import TagEncoder
+
+    return TagEncoder(text_model, device=device, cache_dir=cache)
+
+
 def prepare_job(config: EmbedConfig) -> dict[str, Any]:
     """Everything a run needs before its first window: model, rasters, sources, tag encoder, dataset, columns, the
     windows still to do. Shared by the local and the Ray engines."""
@@ -263,10 +272,8 @@ def prepare_job(config: EmbedConfig) -> dict[str, Any]:
         check_overlap(sources, rasters)
         text_model = text_model_of(config)
         from geolink.convert import cache_dir
-        from geolink.graph.text import TagEncoder
 
-        tag_encoder = TagEncoder(text_model, device=config.device,
-                                 cache_dir=config.text_cache or cache_dir() / "tags")
+        tag_encoder = _tag_encoder(text_model, config.device, config.text_cache or cache_dir() / "tags")
     dataset = EmbedDataset(rasters, tile_size, data["mean"], data["std"], sources=sources, tag_encoder=tag_encoder,
                            scale=config.scale, mode=config.mode.value, min_nodes=config.min_nodes,
                            min_valid=config.min_valid)
