@@ -101,6 +101,19 @@ def test_window_offsets_cover_the_axis_with_the_last_shifted_inward(length):
         assert 0 < offsets[-1] - offsets[-2] <= 224  # the last overlaps its neighbour (or abuts it)
 
 
+def test_osm_coverage_counts_the_pixels_under_polygons_and_touched_by_lines_and_points():
+    from rasterio.transform import from_origin
+
+    from geolink.embed import Window, osm_coverage
+
+    transform, window = from_origin(100, 50, 1, 1), Window(10, 20, 10)  # pixel (row 10, col 20) is at x 120, y 40
+    half = shapely.box(120, 30, 125, 40)  # the window's left half
+    assert osm_coverage([(half, "building:yes")], transform, window) == 0.5
+    point = shapely.Point(128.5, 35.5)  # one pixel of the right half
+    assert osm_coverage([(half, "a:b"), (point, "c:d")], transform, window) == 0.51
+    assert osm_coverage([], transform, window) == 0.0
+
+
 def test_the_table_has_one_row_per_window_with_footprints_in_the_raster_crs(native_run, rasters):
     summary, table, out = native_run
     expected = []

@@ -6,9 +6,9 @@ A window's graph is ``OSMGraphBuilder(tag_encoder=..., tag_weights="official").b
 bounds>, crs=<raster CRS>)`` with ``features`` the source features (reprojected to the raster's CRS) that intersect
 the window, in source order then file order: the graph a user gets by building the same window by hand.
 
-``osm_coverage`` (an OpenStreetMap completeness score in [0, 1]): the share of the window's footprint covered by the
-union of the intersecting features, polygons as they are and lines and points buffered by one pixel (so a mapped
-road counts for its drawn width at the raster's resolution); 0 without OSM.
+``osm_coverage`` (an OpenStreetMap completeness score in [0, 1]): the share of the window's pixels covered by the
+intersecting features: under a polygon (pixel centre inside) or touched by a line or a point (so a mapped road
+counts for one pixel-wide stroke at the raster's resolution); 0 without OSM.
 """
 
 from __future__ import annotations
@@ -113,17 +113,29 @@ class OSMSources:
                 yield tags
 
 
-def osm_coverage(features: Sequence[tuple[Any, Any]], footprint: shapely.Geometry, pixel: float) -> float:
-    """The share of ``footprint`` covered by ``features`` (polygons; lines and points buffered by ``pixel``, one
-    pixel in CRS units); see the module docstring."""
-    if not features or footprint.area <= 0:
+def osm_coverage(features: Sequence[tuple[Any, Any]], transform: Any, window: Window) -> float:
+    """The share of the window's pixels covered by ``features``: under a polygon (pixel centre inside) or touched by
+    a line or point (see the module docstring); ``transform`` is the raster's."""
+    if not features:
         return 0.0
-    geoms = np.array([g for g, _ in features], dtype=object)
-    dims = shapely.get_dimensions(geoms)
-    parts = np.where(dims == 2, geoms, shapely.buffer(geoms, pixel))
-    parts = parts[shapely.is_valid(parts)] if not shapely.is_valid(parts).all() else parts
-    covered = shapely.intersection(shapely.union_all(shapely.make_valid(parts)), footprint)
-    return float(min(1.0, covered.area / footprint.area))
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    t = transform
+    origin = (t.a * window.col + t.b * window.row + t.c, t.d * window.col + t.e * window.row + t.f)
+    local = Affine(t.a, t.b, origin[0], t.d, t.e, origin[1])
+    geoms = [g for g, _ in features]
+    dims = shapely.get_dimensions(np.asarray(geoms, dtype=object))
+    shape = (window.size, window.size)
+    covered = np.zeros(shape, dtype=bool)
+    areas = [g for g, d in zip(geoms, dims, strict=True) if d == 2]
+    others = [g for g, d in zip(geoms, dims, strict=True) if d != 2]
+    if areas:
+        covered |= rasterize(areas, out_shape=shape, transform=local, fill=0, default_value=1, dtype="uint8") > 0
+    if others:
+        covered |= rasterize(others, out_shape=shape, transform=local, fill=0, default_value=1, dtype="uint8",
+                             all_touched=True) > 0
+    return float(covered.mean())
 
 
 class EmbedDataset(Dataset):
@@ -215,8 +227,7 @@ class EmbedDataset(Dataset):
         graph, features = self.graph_of(k, window)
         if graph is not None:
             meta["num_nodes"] = int(sum(graph[t].num_nodes for t in NODE_TYPES))
-            meta["osm_coverage"] = osm_coverage(features, window.footprint(info.transform),
-                                                abs(info.transform.a))
+            meta["osm_coverage"] = osm_coverage(features, info.transform, window)
         fused = self.mode == "fused" or (self.mode == "auto" and graph is not None
                                          and meta["num_nodes"] >= self.min_nodes)
         meta["mode"] = "fused" if fused else "image"

@@ -296,8 +296,8 @@ def prepare_job(config: EmbedConfig) -> dict[str, Any]:
             "osm_attribution": ODBL_ATTRIBUTION if config.sources else None,
             "embedding": {name: EMBEDDING_DEFINITIONS[m] if m != "*" else EMBEDDING_DEFINITIONS for name, (m, _) in
                           columns.items()},
-            "osm_coverage": "share of the window covered by the union of its OSM polygons and its lines and points "
-                            "buffered by one pixel",
+            "osm_coverage": "share of the window's pixels under an OSM polygon (pixel centre inside) or touched by an "
+                            "OSM line or point",
             "crs": crs, "shard": str(config.shard) if config.shard else None}
     fingerprint = job_fingerprint({k: v for k, v in info.items() if k != "geolink_version"}
                                   | {"images": [str(r.path) for r in rasters]})
