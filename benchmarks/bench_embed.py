@@ -77,6 +77,12 @@ def release_model_folder(folder: Path) -> Path:
 
 
 def config_for(raster: Path, out: Path, model: str, batch_size: int, workers: int) -> EmbedConfig:
+    """A job config; also forgets the models loaded by earlier jobs of this process, so that every timed job loads
+    its model and text model as a fresh ``geolink embed`` does."""
+    from geolink.embed import encoder, job
+
+    encoder._fusion_model.cache_clear()
+    job._tag_encoder.cache_clear()
     return EmbedConfig(images=(raster,), osm=(str(PBF),), out=out, model=model, text_model="minilm",
                        batch_size=batch_size, workers=workers, device="cpu", precision="fp32", quiet=True,
                        overwrite=True)
