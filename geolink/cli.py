@@ -334,6 +334,10 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "geolink.retrieval:RetrieveConfig", "geolink.retrieval:retrieve",
         "examples:\n  geolink retrieve --pairs bundled --query 2 --direction image-to-osm --out hits.json\n"
         "  geolink retrieve --pairs bundled --draws 8 --evaluate"),
+    Job("embed", "embed every window of GeoTIFFs with their OpenStreetMap context into a GeoParquet table",
+        "geolink.embed.job:EmbedConfig", "geolink.embed.job:embed",
+        "examples:\n  geolink embed scene.tif --osm region.osm.pbf --out scene.parquet\n"
+        "  geolink embed tiles/ --osm none --model geolink_tiny.demo --mode image --out tiles.parquet"),
 )}
 
 

@@ -242,6 +242,9 @@ ERROR_CASES = {
                lambda tmp, fixture: ["--image", "tile.jpg", "--osm", "tile/", "--top-k", "-1"]),
     "retrieve": (lambda tmp, fixture: ["--pairs", str(tmp / "missing")],
                  lambda tmp, fixture: ["--k", "0"]),
+    "embed": (lambda tmp, fixture: [str(tmp / "missing.tif"), "--osm", "none", "--out", str(tmp / "o.parquet")],
+              lambda tmp, fixture: [str(tmp / "x.tif"), "--osm", "none", "--out", str(tmp / "o.parquet"),
+                                    "--batch-size", "0"]),
 }
 
 

@@ -274,6 +274,11 @@ class OSMGraphBuilder:
         self.last_report: BuildReport | None = None
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
+    def tag_strings(self, tags: Tags | None) -> list[str]:
+        """The tag strings a feature with ``tags`` contributes (after ``tag_filter``), which the tag encoder embeds:
+        e.g. to embed a whole region's tags once before building its tiles."""
+        return self._strings(tags)
+
     def _strings(self, tags: Tags | None) -> list[str]:
         if isinstance(tags, Mapping):  # OSM keys and values are strings; other keys (e.g. ints) are taken as text
             tags = {str(k): v for k, v in tags.items()}
