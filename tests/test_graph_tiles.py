@@ -170,6 +170,26 @@ def test_build_graphs_cli(built_folder, minilm_encoder):
     assert {p.name: p.read_bytes() for p in (out / "tiles").iterdir()} == before
 
 
+def test_interrupted_build_graphs_resumes_to_the_same_bytes(built_folder, tmp_path):
+    """Stopped after 1 tile, then after 2 more, then resumed to the end (new processes' worth of encoders, cold
+    caches): every file of the folder (tiles, vocabulary, embedding table, index) is byte for byte the uninterrupted
+    build's."""
+    out, _, args = built_folder
+    resumed = tmp_path / "resumed"
+    args = [a if a != str(out) else str(resumed) for a in args]
+    for stop in (["--max-tiles", "1"], ["--max-tiles", "2"], []):
+        assert main(args + stop) == 0
+        if stop:
+            assert len((resumed / "index.jsonl").read_text().splitlines()) in (1, 3)
+
+    def files(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    want, got = files(out), files(resumed)
+    assert sorted(got) == sorted(want) and "vocab.safetensors" in got and len(got) == 9
+    assert [name for name in want if got[name] != want[name]] == []
+
+
 def test_build_graphs_shards_and_workers(built_folder, tmp_path, minilm_encoder):
     out, pbf, _ = built_folder
     sharded = tmp_path / "sharded"

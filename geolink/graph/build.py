@@ -274,7 +274,8 @@ class OSMGraphBuilder:
         self.last_report: BuildReport | None = None
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
-    def _strings(self, tags: Tags | None) -> list[str]:
+    def tag_strings(self, tags: Tags | None) -> list[str]:
+        """The tag strings a feature with ``tags`` gets (this builder's key filter and frequency table)."""
         if isinstance(tags, Mapping):  # OSM keys and values are strings; other keys (e.g. ints) are taken as text
             tags = {str(k): v for k, v in tags.items()}
         if self.tag_filter == "auto":
@@ -309,7 +310,7 @@ class OSMGraphBuilder:
                 raise TypeError(f"feature {k}: geometry must be a shapely geometry, got {type(geom).__name__}; "
                                 "convert GeoJSON dicts with shapely.geometry.shape")
             report.features += 1
-            kept = self._strings(tags)
+            kept = self.tag_strings(tags)
             if self.frequency is not None:
                 report.unknown_keys += sum(s.split(":", 1)[0] not in self.frequency for s in kept)
             if not kept:
