@@ -323,6 +323,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
         "minilm --out pairs/\n"
         "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
+    Job("tag-table", "embed a tag vocabulary once into a table file that graph builds start warm from",
+        "geolink.graph.tag_table:TagTableConfig", "geolink.graph.tag_table:build_tag_table",
+        "example:\n  geolink tag-table --from helsinki.osm.pbf --text-model minilm --out helsinki_minilm.safetensors"),
 )}
 
 

@@ -236,6 +236,10 @@ ERROR_CASES = {
     "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
                      lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
+    "tag-table": (lambda tmp, fixture: ["--from", str(tmp / "missing.osm.pbf"), "--text-model", "minilm", "--out",
+                                        str(tmp / "t.safetensors")],
+                  lambda tmp, fixture: ["--from", str(tmp), "--text-model", "minilm", "--out",
+                                        str(tmp / "t.safetensors"), "--min-count", "0"]),
 }
 
 
