@@ -460,23 +460,31 @@ class TagEncoder:
         hidden = model.embeddings(input_ids=flat[None], position_ids=position[None],
                                   token_type_ids=torch.zeros_like(flat)[None])[0]
         heads = model.config.num_attention_heads
-        for layer in model.encoder.layer:
-            attention = layer.attention.self
-            q, k, v = attention.query(hidden), attention.key(hidden), attention.value(hidden)
-            context, start = torch.empty_like(q), 0
+        width = hidden.shape[-1]
+        for layer, (weight, bias) in zip(model.encoder.layer, self._fused_qkv(), strict=True):
+            qkv = torch.nn.functional.linear(hidden, weight, bias)  # [T, 3 * D]: Q, K, V in one product
+            context, start = torch.empty_like(hidden), 0
             for length, count in groups:
                 rows = slice(start, start + length * count)
-
-                def split(x: torch.Tensor, length: int = length, count: int = count, rows: slice = rows
-                          ) -> torch.Tensor:
-                    return x[rows].view(count, length, heads, -1).transpose(1, 2)
-
-                out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
-                context[rows] = out.transpose(1, 2).reshape(length * count, -1)
+                q, k, v = (qkv[rows, j * width:(j + 1) * width].view(count, length, heads, -1).transpose(1, 2)
+                           for j in range(3))
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [count, heads, L, head dim]
+                context[rows].view(count, length, heads, -1).copy_(out.transpose(1, 2))
                 start += length * count
             hidden = layer.attention.output(context, hidden)
             hidden = layer.output(layer.intermediate(hidden), hidden)
         return hidden
+
+    def _fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per BERT layer, the query, key and value projections stacked into one ``[3 D, D]`` weight and bias (made
+        once; each output column is the same dot product as in the separate projection)."""
+        if getattr(self, "_qkv", None) is None:
+            self._qkv = []
+            for layer in self.model.encoder.layer:
+                parts = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
+                self._qkv.append((torch.cat([p.weight for p in parts]).detach(),
+                                  torch.cat([p.bias for p in parts]).detach()))
+        return self._qkv
 
     def _passes(self, token_ids: Sequence[Sequence[int]]) -> Iterator[range]:
         """Consecutive index ranges of ``token_ids`` (sorted by length) of at most ``batch_size`` strings and
