@@ -111,22 +111,30 @@ def tile_by_tile(builder: OSMGraphBuilder, tiles: list[tuple[list, tuple]]) -> l
     return [builder.build(features, bbox) for features, bbox in tiles]
 
 
-def encoder_for(model: Path, dtype: torch.dtype) -> TagEncoder | str:
-    """The tree's ``TagEncoder`` with its defaults in ``dtype``, or why there is none (bf16 without native bf16)."""
+#: the measured configurations: label -> (text model dtype, TagEncoder backend), with the target speed-up
+CONFIGS = {"fp32": (torch.float32, "torch", 150), "fp32-onnxruntime": (torch.float32, "onnxruntime", 150),
+           "bf16": (torch.bfloat16, "torch", 300)}
+
+
+def encoder_for(model: Path, dtype: torch.dtype, backend: str) -> TagEncoder | str:
+    """The tree's ``TagEncoder`` with its defaults in ``dtype`` on ``backend``, or why there is none (bf16 without
+    native bf16, a tree without that backend)."""
     try:
-        return TagEncoder(model, pooling="official", dtype=dtype)
-    except Exception as error:  # this tree's refusal of bf16 on hardware without native bf16
+        options = {} if backend == "torch" else {"backend": backend}
+        return TagEncoder(model, pooling="official", dtype=dtype, **options)
+    except Exception as error:  # this tree's refusal of bf16 on hardware without native bf16, or of the backend
         return f"{type(error).__name__}: {error}"
 
 
-def end_to_end(model: Path, region: RegionIndex, runs: int) -> list[str]:
+def end_to_end(model: Path, region: RegionIndex, runs: int, configs: list[str]) -> list[str]:
     tiles = bench_tiles(region)
     lines: list[str] = []
     rows: list[str] = []
     features: dict[str, list] = {}
     results: dict[str, dict] = {}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        encoder = encoder_for(model, dtype)
+    for label in configs:
+        dtype, backend, _ = CONFIGS[label]
+        encoder = encoder_for(model, dtype, backend)
         if isinstance(encoder, str):
             rows.append(f"| {label}: not run ({encoder}) | | | | |")
             continue
@@ -175,7 +183,7 @@ def end_to_end(model: Path, region: RegionIndex, runs: int) -> list[str]:
               f"marked warm. Speed-up = {OFFICIAL_SECONDS:.0f} s / median ({OFFICIAL_ORIGIN}).", "",
               "| precision: path | seconds | speed-up vs the official 897 s (not rerun) | target | process CPU "
               "seconds |", "|---|---:|---:|---|---:|"]
-    targets = {"fp32": 150, "bf16": 300}
+    targets = {label: target for label, (_, _, target) in CONFIGS.items()}
 
     def versus(values: list[float]) -> float:
         return OFFICIAL_SECONDS / statistics.median(values)
@@ -207,12 +215,14 @@ def end_to_end(model: Path, region: RegionIndex, runs: int) -> list[str]:
                      f"{100 * floor / statistics.median(r['by_tile']):.0f} % of the roofline | "
                      f"{100 * r['flops'] / statistics.median(r['gemm_cpu']) / statistics.median(r['by_tile_cpu']):.0f} "
                      f"% ({statistics.median(r['gemm_cpu']) / 1e9:.0f} GFLOP per CPU second) |")
-    if "fp32" in features and "bf16" in features:
+    for other in ("bf16", "fp32-onnxruntime"):
+        if "fp32" not in features or other not in features:
+            continue
         cosines = [torch.nn.functional.cosine_similarity(a[t].x, b[t].x).min().item()
-                   for a, b in zip(features["fp32"], features["bf16"], strict=True) for t in NODE_TYPES
+                   for a, b in zip(features["fp32"], features[other], strict=True) for t in NODE_TYPES
                    if a[t].x.shape[0]]
         verdict = "met" if min(cosines) >= 0.9995 else "**missed**"
-        lines += ["", f"bf16 against fp32 node features `x`, every node of the {len(tiles)} tiles: smallest cosine "
+        lines += ["", f"{other} against fp32 node features `x`, every node of the {len(tiles)} tiles: smallest cosine "
                       f"{min(cosines):.6f} (target ≥ 0.9995: {verdict})."]
     return lines
 
@@ -325,6 +335,8 @@ def main() -> None:
     parser.add_argument("--skip-cli", action="store_true", help="skip the CLI runs and the stored tile sizes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 on a shared machine, with the CPU seconds")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated end-to-end configurations among {', '.join(CONFIGS)}")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: 1 run, no CLI runs, topology up to 300 features (numbers meaningless)")
     args = parser.parse_args()
@@ -337,7 +349,11 @@ def main() -> None:
     region = RegionIndex(read_osm(HELSINKI))
     print(f"{describe_run()}, shapely {shapely.__version__}{' (QUICK: smoke check only)' if args.quick else ''}\n")
     print("### End to end\n")
-    print("\n".join(end_to_end(model, region, runs)))
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose among {list(CONFIGS)}")
+    print("\n".join(end_to_end(model, region, runs, configs)))
     print(f"\n({load_average()} after)\n\n### Topology alone\n")
     print("\n".join(topology(region, runs, (100, 300) if args.quick else (100, 300, 1000, 10000))))
     if not (args.skip_cli or args.quick):

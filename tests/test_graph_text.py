@@ -241,3 +241,19 @@ def test_loading_prints_nothing_and_restores_transformers_settings(minilm_path, 
         assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.set_verbosity_warning()
+
+
+def test_onnxruntime_backend_is_the_unpadded_forward_pass_and_batch_independent(minilm_path):
+    pytest.importorskip("onnxruntime")
+    encoder = TagEncoder(minilm_path, backend="onnxruntime")
+    got = encoder.encode(STRINGS)
+    for k, text in enumerate(STRINGS):
+        torch.testing.assert_close(got[k], unpadded(encoder, text), atol=1e-5, rtol=1e-4)
+    many = [f"name:{word} {k}" for k, word in enumerate(["cafe", "Esplanadi", "bank", "x"] * 6)] + STRINGS
+    together = encoder.encode(many)
+    apart = TagEncoder(minilm_path, backend="onnxruntime", batch_size=2)
+    assert torch.equal(apart.encode(many[::3]), together[::3])
+    with pytest.raises(InputError, match="backend='onnxruntime' runs float32 on the CPU"):
+        TagEncoder(minilm_path, backend="onnxruntime", device="meta")
+    with pytest.raises(InputError, match="backend must be"):
+        TagEncoder(minilm_path, backend="tensorrt")

@@ -291,6 +291,9 @@ class TagEncoder:
             on a 2-core CPU, where the activations of larger passes no longer fit the caches).
         table: a tag-embedding table (:func:`save_tag_table`, ``geolink tag-table``) to start warm from; it must
             have been made with this model, revision, pooling, token limit and precision.
+        backend: ``"torch"`` (default) or ``"onnxruntime"``: the text model exported once to ONNX (in memory, when
+            the encoder is made: a few seconds) and run by ONNX Runtime on the CPU, float32 only, one call per token
+            count (measured faster on a 2-core CPU: ``benchmarks/bench_graph.py``).
 
     How strings are run: the unseen unique strings are tokenised once, sorted by token count, and run in passes of up
     to ``batch_size`` strings and ``max_tokens`` tokens. Within a pass, strings of equal token count share one
@@ -308,9 +311,11 @@ class TagEncoder:
     def __init__(self, model_name_or_path: str | Path, pooling: str = "official", device: str | None = "auto",
                  batch_size: int = 1024, cache_dir: str | Path | None = None, revision: str | None = None,
                  max_length: int | None = None, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
-                 table: str | Path | None = None) -> None:
+                 table: str | Path | None = None, backend: str = "torch") -> None:
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if backend not in ("torch", "onnxruntime"):
+            raise InputError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         if dtype not in (torch.float32, torch.bfloat16):
             raise InputError(f"dtype must be torch.float32 (default) or torch.bfloat16, got {dtype}")
         self.name = resolve_text_model(model_name_or_path)
@@ -335,6 +340,8 @@ class TagEncoder:
         self.model_id = Path(self.name).resolve().name if local else self.name
         self.revision = _local_revision(Path(self.name)) if local else (revision or "main")
         self._packed = self.model.config.model_type == "bert"
+        self.backend = backend
+        self._session = self._onnx_session() if backend == "onnxruntime" else None
         self._cache: dict[str, np.ndarray] = {}
         self._dirty = False
         self.cache_path = None
@@ -426,7 +433,13 @@ class TagEncoder:
             else:
                 groups.append((length, 1))
         flat = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=self.device)
-        if self._packed:
+        if self._session is not None:
+            outs, start = [], 0
+            for length, count in groups:
+                batch = flat[start:start + length * count].view(count, length).numpy()
+                outs.append(self._pool(torch.from_numpy(self._session.run(None, {"input_ids": batch})[0])))
+                start += length * count
+        elif self._packed:
             hidden = self._packed_bert(flat, groups)
             outs, start = [], 0
             for length, count in groups:
@@ -441,6 +454,50 @@ class TagEncoder:
         self.forward_calls += 1
         self.strings_encoded += n
         return torch.cat(outs)[:n].float().cpu().numpy()
+
+    def _onnx_session(self) -> object:
+        """An ONNX Runtime session of the text model (``input_ids [n, L]`` → last hidden state ``[n, L, D]``),
+        exported in memory, on as many threads as torch uses.
+
+        Raises:
+            InputError: not a float32 model on the CPU.
+            MissingDependencyError: onnxruntime or onnx is not installed.
+        """
+        import copy
+        import io
+        import warnings
+
+        from geolink.errors import MissingDependencyError
+
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            raise InputError(f"backend='onnxruntime' runs float32 on the CPU; got dtype {self.dtype} on device "
+                             f"{self.device}: use backend='torch'")
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MissingDependencyError("backend='onnxruntime' needs onnxruntime and onnx: pip install onnxruntime "
+                                         "onnx (or use backend='torch')") from None
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self, model: torch.nn.Module) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=input_ids).last_hidden_state
+
+        example = torch.full((2, 4), int(self.tokenizer.cls_token_id or self.tokenizer.bos_token_id or 1))
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            # a copy: the exporter leaves the module it traces changed (its outputs differ afterwards)
+            torch.onnx.export(LastHidden(copy.deepcopy(self.model)), (example,), buffer, input_names=["input_ids"],
+                              output_names=["hidden"], dynamic_axes={"input_ids": {0: "n", 1: "length"}},
+                              opset_version=17, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, L, D]`` last hidden states of ``n`` unpadded strings of ``L`` tokens → ``[n, D]`` (the pooling)."""
