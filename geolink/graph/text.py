@@ -293,7 +293,7 @@ class TagEncoder:
             have been made with this model, revision, pooling, token limit and precision.
         backend: ``"torch"`` (default) or ``"onnxruntime"``: the text model exported once to ONNX (in memory, when
             the encoder is made: a few seconds) and run by ONNX Runtime on the CPU, float32 only, one call per token
-            count (measured faster on a 2-core CPU: ``benchmarks/bench_graph.py``).
+            count (``benchmarks/bench_graph.py`` measures it against the torch path).
 
     How strings are run: the unseen unique strings are tokenised once, sorted by token count, and run in passes of up
     to ``batch_size`` strings and ``max_tokens`` tokens. Within a pass, strings of equal token count share one
