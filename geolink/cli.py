@@ -338,6 +338,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "geolink.embed.job:EmbedConfig", "geolink.embed.job:embed",
         "examples:\n  geolink embed scene.tif --osm region.osm.pbf --out scene.parquet\n"
         "  geolink embed tiles/ --osm none --model geolink_tiny.demo --mode image --out tiles.parquet"),
+    Job("tag-table", "embed a tag vocabulary once into a table file that graph builds start warm from",
+        "geolink.graph.tag_table:TagTableConfig", "geolink.graph.tag_table:build_tag_table",
+        "example:\n  geolink tag-table --from helsinki.osm.pbf --text-model minilm --out helsinki_minilm.safetensors"),
 )}
 
 

@@ -245,6 +245,10 @@ ERROR_CASES = {
     "embed": (lambda tmp, fixture: [str(tmp / "missing.tif"), "--osm", "none", "--out", str(tmp / "o.parquet")],
               lambda tmp, fixture: [str(tmp / "x.tif"), "--osm", "none", "--out", str(tmp / "o.parquet"),
                                     "--batch-size", "0"]),
+    "tag-table": (lambda tmp, fixture: ["--from", str(tmp / "missing.osm.pbf"), "--text-model", "minilm", "--out",
+                                        str(tmp / "t.safetensors")],
+                  lambda tmp, fixture: ["--from", str(tmp), "--text-model", "minilm", "--out",
+                                        str(tmp / "t.safetensors"), "--min-count", "0"]),
 }
 
 

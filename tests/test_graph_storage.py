@@ -23,6 +23,7 @@ from geolink.graph.storage import (
     mix_tags,
     pad_tags,
     save_graph,
+    save_safetensors,
 )
 from geolink.graph.tags import TagVocabulary
 from tests.data_helpers import BBOX, HashEncoder, random_features
@@ -162,3 +163,24 @@ def test_byte_flips_in_a_stored_graph_decode_to_a_valid_graph_or_raise_data_erro
 
     decode()  # the unflipped file is valid
     fuzz_byte_flips(path, decode, DataError, max_examples=150)
+def test_safetensors_files_have_one_byte_layout(tmp_path):
+    """Metadata in any insertion order gives the same bytes (the safetensors package writes it in hash order, which
+    changes between processes); the file is the safetensors format: it loads back, and with one metadata key it is
+    byte for byte what the safetensors package writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = {"b.x": torch.randn(3, 4), "a": torch.arange(5), "m": torch.ones(2, dtype=torch.bfloat16),
+               "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 2)}
+    forward = save_safetensors(tensors, tmp_path / "one.safetensors", {"crs": "EPSG:4326", "vocab": "vocab", "z": "ü"})
+    backward = save_safetensors(dict(reversed(tensors.items())), tmp_path / "two.safetensors",
+                                {"z": "ü", "vocab": "vocab", "crs": "EPSG:4326"})
+    assert forward.read_bytes() == backward.read_bytes()
+    loaded = load_file(str(forward))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(forward), framework="pt") as handle:
+        assert handle.metadata() == {"crs": "EPSG:4326", "vocab": "vocab", "z": "ü"}
+    save_file(tensors, str(tmp_path / "package.safetensors"), metadata={"format": "x"})
+    ours = save_safetensors(tensors, tmp_path / "ours.safetensors", {"format": "x"})
+    assert ours.read_bytes() == (tmp_path / "package.safetensors").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))

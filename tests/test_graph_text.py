@@ -1,5 +1,6 @@
-"""TagEncoder: official pooling under padding, unique-string caching, the on-disk cache, CLIP text towers, short
-names (offline MiniLM, CLIP from the Hugging Face cache), fast one-line failures offline, quiet loading."""
+"""TagEncoder: official pooling without padding, embeddings independent of their batch, unique-string caching, the
+on-disk cache, bf16 only on native hardware, CLIP text towers, short names (offline MiniLM, CLIP from the Hugging
+Face cache), fast one-line failures offline, quiet loading."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from geolink.errors import InputError, MissingWeightsError
-from geolink.graph.text import TEXT_MODELS, TagEncoder
+from geolink.graph.text import TEXT_MODELS, TagEncoder, native_bf16
 
 STRINGS = ["building:building", "roof shape:gabled", "highway:residential", "addr street:Pohjoisesplanadi",
            "a:b", "building:building"]
@@ -27,7 +28,7 @@ def unpadded(encoder: TagEncoder, text: str) -> torch.Tensor:
     return hidden[0, 1:].mean(0)
 
 
-def test_official_pooling_ignores_padding(minilm_encoder):
+def test_official_pooling_is_the_unpadded_forward_pass(minilm_encoder):
     got = minilm_encoder.encode(STRINGS)
     assert got.shape == (len(STRINGS), 384) and got.dtype == torch.float32
     for k, text in enumerate(STRINGS):
@@ -37,7 +38,7 @@ def test_official_pooling_ignores_padding(minilm_encoder):
 def test_each_unique_string_embedded_once(minilm_path, tmp_path):
     encoder = TagEncoder(minilm_path, batch_size=2, cache_dir=tmp_path)
     first = encoder.encode(STRINGS + STRINGS)
-    assert encoder.strings_encoded == len(set(STRINGS)) and encoder.forward_calls == 3
+    assert encoder.strings_encoded == len(set(STRINGS)) and encoder.forward_calls == 3  # 5 strings, 2 per pass
     second = encoder.encode(STRINGS)
     assert encoder.strings_encoded == len(set(STRINGS))  # all from the cache
     torch.testing.assert_close(first[: len(STRINGS)], second, rtol=0, atol=0)
@@ -50,6 +51,33 @@ def test_each_unique_string_embedded_once(minilm_path, tmp_path):
     other_pooling = TagEncoder(minilm_path, pooling="mean", cache_dir=tmp_path)
     assert other_pooling.cache_size == 0  # the cache key includes the pooling
     assert not torch.allclose(other_pooling.encode(STRINGS[:1]), second[:1])
+
+
+def test_embedding_does_not_depend_on_its_batch(minilm_path, shared):
+    """The same string embedded among other strings, alone, in passes of 1, 2 or 3 strings or of a few tokens, tile
+    by tile or all at once: bit-identical rows (what makes an interrupted build-graphs store the same bytes)."""
+    from geolink.graph.build import OSMGraphBuilder
+    from geolink.graph.readers import read_osm
+    from geolink.graph.tiles import RegionIndex, grid_tiles
+
+    pbf = shared("osm", "helsinki.osm.pbf")
+    region = RegionIndex(read_osm(pbf))
+    builder = OSMGraphBuilder(None)
+    per_tile = [builder.prepare(region.features_in(t.bbox), t.bbox).unique_tags()
+                for t in grid_tiles(region.bounds, shape=(3, 3))[:4]]
+    everything = list(dict.fromkeys(s for tile in per_tile for s in tile))[:400]
+    reference = TagEncoder(minilm_path).encode(everything)
+    tile_by_tile = TagEncoder(minilm_path)
+    for tile in per_tile:
+        tile_by_tile.encode([s for s in tile if s in set(everything)])
+    assert torch.equal(tile_by_tile.encode(everything), reference)
+    for options in ({"batch_size": 1}, {"batch_size": 2}, {"batch_size": 3, "max_tokens": 40}, {"max_tokens": 9}):
+        encoder = TagEncoder(minilm_path, **options)
+        picked = everything[::7] + everything[1::13]  # another mix of companions
+        assert torch.equal(encoder.encode(picked), reference[[everything.index(s) for s in picked]]), options
+    single = TagEncoder(minilm_path)
+    for k in (0, len(everything) // 2, len(everything) - 1):
+        assert torch.equal(single.encode([everything[k]])[0], reference[k])
 
 
 def test_bad_arguments(minilm_path, tmp_path):
@@ -107,12 +135,24 @@ def test_clip_text_model(tiny_clip):
     assert long.shape == (1, 32) and torch.isfinite(long).all()
 
 
+@pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16 matrix products (avx512_bf16 / AMX)")
 def test_bfloat16_option(tiny_clip):
     exact = TagEncoder(tiny_clip).encode(STRINGS)
     fast = TagEncoder(tiny_clip, dtype=torch.bfloat16)
     got = fast.encode(STRINGS)
     assert got.dtype == torch.float32 and fast.info()["dtype"] == "bfloat16"
     assert torch.nn.functional.cosine_similarity(got, exact).min() > 0.99
+
+
+def test_bfloat16_refused_without_native_hardware(tiny_clip, monkeypatch):
+    import geolink.graph.text as text
+
+    monkeypatch.setattr(text, "native_bf16", lambda device: False)
+    with pytest.raises(InputError, match=r"dtype=torch.bfloat16 \(--text-dtype bfloat16\) needs native bf16.*"
+                                         r"use the default dtype=torch.float32"):
+        TagEncoder(tiny_clip, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="float32 .* or torch.bfloat16"):
+        TagEncoder(tiny_clip, dtype=torch.float16)
 
 
 def test_minilm_short_name_is_the_offline_package(minilm_path):
@@ -201,3 +241,19 @@ def test_loading_prints_nothing_and_restores_transformers_settings(minilm_path, 
         assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.set_verbosity_warning()
+
+
+def test_onnxruntime_backend_is_the_unpadded_forward_pass_and_batch_independent(minilm_path):
+    pytest.importorskip("onnxruntime")
+    encoder = TagEncoder(minilm_path, backend="onnxruntime")
+    got = encoder.encode(STRINGS)
+    for k, text in enumerate(STRINGS):
+        torch.testing.assert_close(got[k], unpadded(encoder, text), atol=1e-5, rtol=1e-4)
+    many = [f"name:{word} {k}" for k, word in enumerate(["cafe", "Esplanadi", "bank", "x"] * 6)] + STRINGS
+    together = encoder.encode(many)
+    apart = TagEncoder(minilm_path, backend="onnxruntime", batch_size=2)
+    assert torch.equal(apart.encode(many[::3]), together[::3])
+    with pytest.raises(InputError, match="backend='onnxruntime' runs float32 on the CPU"):
+        TagEncoder(minilm_path, backend="onnxruntime", device="meta")
+    with pytest.raises(InputError, match="backend must be"):
+        TagEncoder(minilm_path, backend="tensorrt")

@@ -275,11 +275,7 @@ class OSMGraphBuilder:
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
     def tag_strings(self, tags: Tags | None) -> list[str]:
-        """The tag strings a feature with ``tags`` contributes (after ``tag_filter``), which the tag encoder embeds:
-        e.g. to embed a whole region's tags once before building its tiles."""
-        return self._strings(tags)
-
-    def _strings(self, tags: Tags | None) -> list[str]:
+        """The tag strings a feature with ``tags`` gets (this builder's key filter and frequency table)."""
         if isinstance(tags, Mapping):  # OSM keys and values are strings; other keys (e.g. ints) are taken as text
             tags = {str(k): v for k, v in tags.items()}
         if self.tag_filter == "auto":
@@ -314,7 +310,7 @@ class OSMGraphBuilder:
                 raise TypeError(f"feature {k}: geometry must be a shapely geometry, got {type(geom).__name__}; "
                                 "convert GeoJSON dicts with shapely.geometry.shape")
             report.features += 1
-            kept = self._strings(tags)
+            kept = self.tag_strings(tags)
             if self.frequency is not None:
                 report.unknown_keys += sum(s.split(":", 1)[0] not in self.frequency for s in kept)
             if not kept:

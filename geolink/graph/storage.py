@@ -409,6 +409,56 @@ def _eye(k: int) -> np.ndarray:
     return _EYES[k]
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+                     ) -> Path:
+    """Write a safetensors file atomically, byte for byte the same for the same tensors and metadata.
+
+    The one writer of every graph-layer safetensors file (tile graphs, vocabulary tables, tag tables). The
+    ``safetensors`` package writes its metadata in hash order, which changes from process to process; here the
+    header is fixed: metadata keys sorted, tensors ordered by dtype size (largest first, which keeps every tensor
+    aligned) then name, the header padded with spaces to a multiple of 8 bytes, as ``safetensors`` itself does.
+
+    Args:
+        tensors: name → tensor (any device; written contiguous, little-endian).
+        path: output file; written to ``<path>.tmp`` first, then renamed over ``path``.
+        metadata: string → string metadata (``__metadata__``).
+    """
+    import json
+    import struct
+
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    blobs, offset = [], 0
+    for name in names:
+        tensor = tensors[name].detach().contiguous().cpu()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise InputError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors files cannot hold")
+        blob = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            handle.write(blob)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
+
+
 def save_graph(graph: HeteroData, path: str | Path, **metadata: str) -> Path:
     """Write a tile graph as one safetensors file (atomically); see :func:`graph_tensors` for the layout.
 
@@ -417,16 +467,8 @@ def save_graph(graph: HeteroData, path: str | Path, **metadata: str) -> Path:
         path: output file (``.safetensors``).
         metadata: extra string metadata (e.g. ``vocab`` naming the vocabulary file of the folder).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(graph_tensors(graph), str(tmp), metadata={"format": FORMAT_VERSION, "crs": str(graph.crs),
-                                                        **{k: str(v) for k, v in metadata.items()}})
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    return path
+    return save_safetensors(graph_tensors(graph), path, {"format": FORMAT_VERSION, "crs": str(graph.crs),
+                                                         **{k: str(v) for k, v in metadata.items()}})
 
 
 def load_graph(path: str | Path, table: torch.Tensor | None = None) -> HeteroData:
@@ -466,17 +508,13 @@ def load_graph(path: str | Path, table: torch.Tensor | None = None) -> HeteroDat
 def save_vocabulary(folder: str | Path, vocabulary: TagVocabulary, name: str = "vocab",
                     table: torch.Tensor | None = None, **info: Any) -> None:
     """Write ``<name>.json`` (the tag strings) and, when given, ``<name>.safetensors`` (the ``[V, D]`` table)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if table is not None:
         if table.shape[0] != len(vocabulary):
             raise InputError(f"embedding table has {table.shape[0]} rows for {len(vocabulary)} tag strings")
-        tmp = folder / f"{name}.safetensors.tmp"
-        save_file({"embeddings": table.float().contiguous()}, str(tmp),
-                  metadata={k: str(v) for k, v in info.items()})
-        tmp.replace(folder / f"{name}.safetensors")
+        save_safetensors({"embeddings": table.float()}, folder / f"{name}.safetensors",
+                         {k: str(v) for k, v in info.items()})
     vocabulary.save(folder / f"{name}.json", **info)
 
 

@@ -227,6 +227,88 @@ def _check_loaded_weights(model: torch.nn.Module, info: dict, label: str) -> Non
         raise MissingWeightsError(f"text model {label}: its weights do not match its config.json: "
                                   f"{'; '.join(found)} tensors; the folder is incomplete or from another model, "
                                   "re-download or re-save it")
+MIN_ROWS = 64
+"""Fewest token rows one forward pass multiplies: smaller passes are topped up with repeats of one of their strings.
+Matrix libraries pick other kernels (another summation order) for a handful of rows; from this many rows on, every
+row's result is the same whatever the other rows, so an embedding never depends on its batch companions."""
+
+TABLE_FORMAT = "geolink-tag-table/1"
+"""``format`` metadata of a tag-embedding table file (:func:`save_tag_table`; the on-disk cache is one too)."""
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively: a CUDA GPU with bf16 support, Apple MPS, or an x86
+    CPU with ``avx512_bf16`` or AMX (read from ``/proc/cpuinfo``; elsewhere a CPU counts as not native)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "mps":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def save_tag_table(path: str | Path, strings: Sequence[str], embeddings: np.ndarray, **info: object) -> Path:
+    """Write tag-string embeddings as one safetensors file (atomically, the same bytes for the same content).
+
+    Layout: ``embeddings`` (float32 ``[V, D]``, row ``i`` is string ``i``), ``string_bytes`` (uint8, the UTF-8
+    strings back to back) and ``string_offsets`` (int64 ``[V + 1]``: string ``i`` is
+    ``string_bytes[offsets[i]:offsets[i + 1]]``), so a planet-sized vocabulary does not have to fit the safetensors
+    header; metadata ``format`` (:data:`TABLE_FORMAT`) and ``info`` (model id, revision, pooling, ...).
+
+    Raises:
+        InputError: the row count differs from the string count.
+    """
+    from geolink.graph.storage import save_safetensors
+
+    table = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if table.ndim != 2 or table.shape[0] != len(strings):
+        raise InputError(f"tag table: {table.shape[0] if table.ndim else 0} embedding rows for {len(strings)} strings")
+    encoded = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    tensors = {"embeddings": torch.from_numpy(table), "string_bytes": torch.from_numpy(blob),
+               "string_offsets": torch.from_numpy(offsets)}
+    return save_safetensors(tensors, path, {"format": TABLE_FORMAT, **{k: str(v) for k, v in info.items()}})
+
+
+def load_tag_table(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """``(strings, embeddings [V, D] float32, metadata)`` of a file written by :func:`save_tag_table` (or an on-disk
+    tag cache of an earlier geolink, whose strings are a JSON list in the metadata).
+
+    Raises:
+        MissingInputError: no such file.
+        DataError: not a readable tag table (the message names the file).
+    """
+    from safetensors import safe_open
+
+    from geolink.graph.storage import MAX_TABLE_BYTES, check_file
+
+    check_file(path, "tag table", MAX_TABLE_BYTES)
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = dict(handle.metadata() or {})
+            table = handle.get_tensor("embeddings")
+            if "strings" in metadata:
+                strings = json.loads(metadata.pop("strings"))
+            else:
+                blob, offsets = handle.get_tensor("string_bytes").tobytes(), handle.get_tensor("string_offsets")
+                strings = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(),
+                                                                      strict=True)]
+    except Exception as err:  # safetensors, JSON, UTF-8 and key errors: not a table
+        raise DataError(f"tag table {path} is not readable ({type(err).__name__}: {err}); rebuild it with "
+                        "`geolink tag-table`") from None
+    if not isinstance(strings, list) or table.ndim != 2 or table.shape[0] != len(strings):
+        raise DataError(f"tag table {path}: embeddings of shape {table.shape} for {len(strings)} strings; rebuild it")
+    if not np.isfinite(table).all():
+        raise DataError(f"tag table {path} has NaN or infinite embeddings; rebuild it")
+    return strings, table.astype(np.float32, copy=False), metadata
 
 
 class TagEncoder:
@@ -239,26 +321,54 @@ class TagEncoder:
             text model a pretrained tag was trained with: :func:`geolink.tag_encoder_for`.
         pooling: one of :data:`POOLINGS`; ``"official"`` reproduces the official GeoLink tag embedding.
         device: torch device; None or ``"auto"``: CUDA when available, else CPU.
-        batch_size: strings per forward pass (strings are sorted by length first to limit padding).
+        batch_size: most strings per forward pass.
         cache_dir: folder of the on-disk cache; None keeps the cache in memory only.
         revision: Hub revision (part of the cache key).
         max_length: token limit (default: the model's position limit); longer strings are truncated.
-        dtype: model precision; ``torch.bfloat16`` is several times faster on CPUs with AMX and on GPUs but no longer
-            matches the official float32 features to float precision (embeddings are returned as float32 anyway).
+        dtype: model precision. ``torch.bfloat16`` (on request only) is about twice as fast where the hardware
+            multiplies bf16 natively (GPUs, CPUs with ``avx512_bf16`` or AMX: :func:`native_bf16`) and is refused
+            elsewhere; its features are within cosine 0.9995 of float32 but no longer match the official float32
+            features to float precision (embeddings are returned as float32 anyway).
+        max_tokens: most tokens per forward pass (bounds the activations' memory; 4096 was the fastest of 512–8192
+            on a 2-core CPU, where the activations of larger passes no longer fit the caches).
+        table: a tag-embedding table (:func:`save_tag_table`, ``geolink tag-table``) to start warm from; it must
+            have been made with this model, revision, pooling, token limit and precision.
+        backend: ``"torch"`` (default) or ``"onnxruntime"``: the text model exported once to ONNX (in memory, when
+            the encoder is made: a few seconds) and run by ONNX Runtime on the CPU, float32 only, one call per token
+            count (``benchmarks/bench_graph.py`` measures it against the torch path).
 
-    Padding note: strings are right-padded within a batch and pooled over real tokens only (attention mask), so an
-    embedding equals the unpadded single-string forward pass of the official builder up to float rounding.
+    How strings are run: the unseen unique strings are tokenised once, sorted by token count, and run in passes of up
+    to ``batch_size`` strings and ``max_tokens`` tokens. Within a pass, strings of equal token count share one
+    attention call and BERT-family models (MiniLM, BERT) run packed, every token of the pass in one matrix product
+    per layer; other models (CLIP) run one pass per token count. No padding is ever computed, so an embedding is the
+    unpadded single-string forward pass of the official builder up to float rounding, and it is bit-identical
+    whatever other strings share its pass (:data:`MIN_ROWS`): a build that is interrupted and resumed stores the
+    same bytes as one that is not.
+
+    Raises:
+        InputError: an unknown pooling, or bfloat16 on hardware without native bf16 matrix products.
+        DataError: ``table`` was made with another model, revision or settings (the message names both).
     """
 
     def __init__(self, model_name_or_path: str | Path, pooling: str = "official", device: str | None = "auto",
-                 batch_size: int = 64, cache_dir: str | Path | None = None, revision: str | None = None,
-                 max_length: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 batch_size: int = 1024, cache_dir: str | Path | None = None, revision: str | None = None,
+                 max_length: int | None = None, dtype: torch.dtype = torch.float32, max_tokens: int = 4096,
+                 table: str | Path | None = None, backend: str = "torch") -> None:
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if backend not in ("torch", "onnxruntime"):
+            raise InputError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InputError(f"dtype must be torch.float32 (default) or torch.bfloat16, got {dtype}")
         self.name = resolve_text_model(model_name_or_path)
         self.pooling = pooling
-        self.batch_size = int(batch_size)
+        self.batch_size = max(1, int(batch_size))
+        self.max_tokens = max(1, int(max_tokens))
         self.device = resolve_device(device)
+        if dtype == torch.bfloat16 and not native_bf16(self.device):
+            raise InputError(f"dtype=torch.bfloat16 (--text-dtype bfloat16) needs native bf16 matrix products, which "
+                             f"device {self.device} lacks (no avx512_bf16 / AMX CPU flag, or no bf16 GPU): there it is "
+                             "slower than float32; use the default dtype=torch.float32")
         short = TEXT_MODELS.get(model_name_or_path) if isinstance(model_name_or_path, str) else None
         label = repr(str(model_name_or_path)) + (f" ({short.hub_id})" if short else "")
         self.model, self.tokenizer = _load_text_model(self.name, revision, label)
@@ -271,15 +381,19 @@ class TagEncoder:
         local = Path(self.name).is_dir()
         self.model_id = Path(self.name).resolve().name if local else self.name
         self.revision = _local_revision(Path(self.name)) if local else (revision or "main")
+        self._packed = self.model.config.model_type == "bert"
+        self.backend = backend
+        self._session = self._onnx_session() if backend == "onnxruntime" else None
         self._cache: dict[str, np.ndarray] = {}
         self._dirty = False
         self.cache_path = None
         if cache_dir is not None:
-            precision = str(dtype).replace("torch.", "")
-            key = re.sub(r"[^A-Za-z0-9_.-]+", "--",
-                         f"{self.model_id}@{self.revision}@{pooling}@{self.max_length}@{precision}")
+            key = re.sub(r"[^A-Za-z0-9_.-]+", "--", "@".join(str(v) for v in self._identity().values()))
             self.cache_path = Path(cache_dir) / f"{key}.safetensors"
             self._load_disk_cache()
+        self.table_path = None
+        if table is not None:
+            self.load_table(table)
         self.forward_calls = 0
         self.strings_encoded = 0
 
@@ -291,71 +405,219 @@ class TagEncoder:
         """Number of strings whose embedding is cached in memory."""
         return len(self._cache)
 
-    def _load_disk_cache(self) -> None:
-        from safetensors import safe_open
+    def _identity(self) -> dict[str, str]:
+        """What two encoders must share for their embeddings to be interchangeable (cache key, table check)."""
+        return {"model_id": self.model_id, "revision": self.revision, "pooling": self.pooling,
+                "max_length": str(self.max_length), "dtype": str(self.dtype).replace("torch.", "")}
 
+    def _load_disk_cache(self) -> None:
         if self.cache_path is None or not self.cache_path.is_file():
             return
-        with safe_open(str(self.cache_path), framework="np") as handle:
-            strings = json.loads(handle.metadata()["strings"])
-            table = handle.get_tensor("embeddings")
-        if table.shape != (len(strings), self.dim):
+        try:
+            strings, table, _ = load_tag_table(self.cache_path)
+        except DataError as err:
+            raise DataError(f"{err} (the on-disk tag cache: delete it)") from None
+        if table.shape[1] != self.dim:
             raise DataError(f"tag cache {self.cache_path} does not match the model (shape {table.shape}); delete it")
         self._cache.update(zip(strings, table, strict=True))
 
+    def load_table(self, path: str | Path) -> int:
+        """Start warm from a tag-embedding table (see ``table``); returns how many strings it added.
+
+        Raises:
+            DataError: the table was made with another model, revision, pooling, token limit or precision (both are
+                named), or is not a readable table.
+        """
+        strings, table, metadata = load_tag_table(path)
+        mine = self._identity()
+        theirs = {k: metadata.get(k) for k in mine}
+        if theirs != mine or table.shape[1] != self.dim:
+            differ = ", ".join(f"{k} {theirs[k]!r} (this encoder: {mine[k]!r})" for k in mine if theirs[k] != mine[k])
+            raise DataError(f"tag table {path} was made with another text model or settings: {differ or 'width'}; "
+                            "make a table with this model (`geolink tag-table --text-model ...`) or load the model "
+                            "the table names")
+        before = len(self._cache)
+        self._cache.update(zip(strings, table, strict=True))
+        self.table_path = Path(path)
+        return len(self._cache) - before
+
     def save_cache(self) -> Path | None:
         """Write the in-memory cache to ``cache_dir`` (atomically); returns the file, None without a cache dir."""
-        from safetensors.numpy import save_file
-
         if self.cache_path is None or not self._dirty:
             return self.cache_path
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        strings = list(self._cache)
-        table = np.stack([self._cache[s] for s in strings]) if strings else np.zeros((0, self.dim), np.float32)
-        tmp = self.cache_path.with_suffix(".tmp")
-        save_file({"embeddings": np.ascontiguousarray(table, dtype=np.float32)}, str(tmp),
-                  metadata={"strings": json.dumps(strings, ensure_ascii=False), "model_id": self.model_id,
-                            "revision": self.revision, "pooling": self.pooling})
-        tmp.replace(self.cache_path)
+        self.save_table(self.cache_path)
         self._dirty = False
         return self.cache_path
 
+    def save_table(self, path: str | Path, strings: Sequence[str] | None = None) -> Path:
+        """Write the embeddings of ``strings`` (default: every cached string, sorted) as a tag table
+        (:func:`save_tag_table`), embedding the missing ones first; returns the file."""
+        strings = sorted(self._cache) if strings is None else list(dict.fromkeys(strings))
+        table = self.encode(strings).numpy() if strings else np.zeros((0, self.dim), np.float32)
+        return save_tag_table(path, strings, table, **self._identity(), dim=self.dim)
+
+    # ------------------------------------------------------------------ the text model
     @torch.inference_mode()
-    def _forward(self, strings: Sequence[str]) -> np.ndarray:
-        batch = self.tokenizer(list(strings), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                        "token_type_ids")}
-        hidden = self.model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].to(hidden.dtype)
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
+    def _forward(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled embeddings ``[n, D]`` (float32) of tokenised strings sorted by token count, in one pass.
+
+        A pass of fewer than :data:`MIN_ROWS` tokens is topped up with repeats of its first string (results dropped).
+        """
+        n = len(token_ids)
+        ids = list(token_ids)
+        total = sum(map(len, ids))
+        if total < MIN_ROWS:
+            ids += [ids[0]] * -(-(MIN_ROWS - total) // len(ids[0]))
+        groups: list[tuple[int, int]] = []  # (token count L, strings) of each run of equal token counts
+        for length in map(len, ids):
+            if groups and groups[-1][0] == length:
+                groups[-1] = (length, groups[-1][1] + 1)
+            else:
+                groups.append((length, 1))
+        flat = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=self.device)
+        if self._session is not None:
+            outs, start = [], 0
+            for length, count in groups:
+                batch = flat[start:start + length * count].view(count, length).numpy()
+                outs.append(self._pool(torch.from_numpy(self._session.run(None, {"input_ids": batch})[0])))
+                start += length * count
+        elif self._packed:
+            hidden = self._packed_bert(flat, groups)
+            outs, start = [], 0
+            for length, count in groups:
+                outs.append(self._pool(hidden[start:start + length * count].view(count, length, -1)))
+                start += length * count
         else:
-            if self.pooling == "official":
-                mask = mask.clone()
-                mask[:, 0] = 0
-            count = mask.sum(1, keepdim=True)
-            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / count.clamp(min=1)
+            outs, start = [], 0
+            for length, count in groups:
+                batch = flat[start:start + length * count].view(count, length)
+                outs.append(self._pool(self.model(input_ids=batch).last_hidden_state))
+                start += length * count
         self.forward_calls += 1
-        self.strings_encoded += len(strings)
-        return pooled.cpu().numpy().astype(np.float32)
+        self.strings_encoded += n
+        return torch.cat(outs)[:n].float().cpu().numpy()
+
+    def _onnx_session(self) -> object:
+        """An ONNX Runtime session of the text model (``input_ids [n, L]`` → last hidden state ``[n, L, D]``),
+        exported in memory, on as many threads as torch uses.
+
+        Raises:
+            InputError: not a float32 model on the CPU.
+            MissingDependencyError: onnxruntime or onnx is not installed.
+        """
+        import copy
+        import io
+        import warnings
+
+        from geolink.errors import MissingDependencyError
+
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            raise InputError(f"backend='onnxruntime' runs float32 on the CPU; got dtype {self.dtype} on device "
+                             f"{self.device}: use backend='torch'")
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MissingDependencyError("backend='onnxruntime' needs onnxruntime and onnx: pip install onnxruntime "
+                                         "onnx (or use backend='torch')") from None
+
+        class LastHidden(torch.nn.Module):
+            def __init__(self, model: torch.nn.Module) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=input_ids).last_hidden_state
+
+        example = torch.full((2, 4), int(self.tokenizer.cls_token_id or self.tokenizer.bos_token_id or 1))
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            # a copy: the exporter leaves the module it traces changed (its outputs differ afterwards)
+            torch.onnx.export(LastHidden(copy.deepcopy(self.model)), (example,), buffer, input_names=["input_ids"],
+                              output_names=["hidden"], dynamic_axes={"input_ids": {0: "n", 1: "length"}},
+                              opset_version=17, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[n, L, D]`` last hidden states of ``n`` unpadded strings of ``L`` tokens → ``[n, D]`` (the pooling)."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "official":
+            hidden = hidden[:, 1:]
+        return hidden.float().sum(1) / max(hidden.shape[1], 1)
+
+    def _packed_bert(self, flat: torch.Tensor, groups: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Last hidden states ``[T, D]`` of a BERT model on ``T`` packed tokens (strings back to back, no padding).
+
+        Every linear layer multiplies all ``T`` tokens at once; attention runs per group of equal-length strings
+        (``[count, heads, L, head dim]``), so no token attends outside its string.
+        """
+        model = self.model
+        position = torch.cat([torch.arange(length, device=self.device).repeat(count) for length, count in groups])
+        hidden = model.embeddings(input_ids=flat[None], position_ids=position[None],
+                                  token_type_ids=torch.zeros_like(flat)[None])[0]
+        heads = model.config.num_attention_heads
+        width = hidden.shape[-1]
+        for layer, (weight, bias) in zip(model.encoder.layer, self._fused_qkv(), strict=True):
+            qkv = torch.nn.functional.linear(hidden, weight, bias)  # [T, 3 * D]: Q, K, V in one product
+            context, start = torch.empty_like(hidden), 0
+            for length, count in groups:
+                rows = slice(start, start + length * count)
+                q, k, v = (qkv[rows, j * width:(j + 1) * width].view(count, length, heads, -1).transpose(1, 2)
+                           for j in range(3))
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [count, heads, L, head dim]
+                context[rows].view(count, length, heads, -1).copy_(out.transpose(1, 2))
+                start += length * count
+            hidden = layer.attention.output(context, hidden)
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        return hidden
+
+    def _fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per BERT layer, the query, key and value projections stacked into one ``[3 D, D]`` weight and bias (made
+        once; each output column is the same dot product as in the separate projection)."""
+        if getattr(self, "_qkv", None) is None:
+            self._qkv = []
+            for layer in self.model.encoder.layer:
+                parts = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
+                self._qkv.append((torch.cat([p.weight for p in parts]).detach(),
+                                  torch.cat([p.bias for p in parts]).detach()))
+        return self._qkv
+
+    def _passes(self, token_ids: Sequence[Sequence[int]]) -> Iterator[range]:
+        """Consecutive index ranges of ``token_ids`` (sorted by length) of at most ``batch_size`` strings and
+        ``max_tokens`` tokens (a longer string gets a pass of its own)."""
+        start = tokens = 0
+        for k, row in enumerate(token_ids):
+            if k > start and (k - start >= self.batch_size or tokens + len(row) > self.max_tokens):
+                yield range(start, k)
+                start, tokens = k, 0
+            tokens += len(row)
+        if start < len(token_ids):
+            yield range(start, len(token_ids))
 
     def encode(self, strings: Iterable[str], progress: bool = False) -> torch.Tensor:
-        """Embeddings ``[n, D]`` (float32, CPU) of ``strings``; unseen unique strings are embedded in batches.
+        """Embeddings ``[n, D]`` (float32, CPU) of ``strings``; unseen unique strings are embedded in passes sorted by
+        token count (see the class notes).
 
         Args:
             strings: tag strings (duplicates allowed; each is embedded once).
-            progress: show a progress bar over batches.
+            progress: show a progress bar over passes.
         """
         strings = list(strings)
-        missing = sorted({s for s in strings if s not in self._cache}, key=lambda s: (len(s), s))
+        missing = list(dict.fromkeys(s for s in strings if s not in self._cache))
         if missing:
             from tqdm.auto import tqdm
 
-            starts = range(0, len(missing), self.batch_size)
-            for start in tqdm(starts, desc="embedding tags", unit="batch", disable=not progress or len(starts) < 2):
-                chunk = missing[start:start + self.batch_size]
-                self._cache.update(zip(chunk, self._forward(chunk), strict=True))
+            token_ids = self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+            order = sorted(range(len(missing)), key=lambda i: (len(token_ids[i]), missing[i]))
+            missing, token_ids = [missing[i] for i in order], [token_ids[i] for i in order]
+            passes = list(self._passes(token_ids))
+            for rows in tqdm(passes, desc="embedding tags", unit="pass", disable=not progress or len(passes) < 2):
+                embedded = self._forward(token_ids[rows.start:rows.stop])
+                self._cache.update(zip(missing[rows.start:rows.stop], embedded, strict=True))
             self._dirty = True
         if not strings:
             return torch.zeros(0, self.dim)

@@ -275,8 +275,9 @@ def read_region(pbf: str | Path | None = None, vector: str | Path | None = None,
 
 # the state worker processes inherit (fork) instead of receiving it pickled per task
 _WORKER: dict[str, Any] = {}
-#: new tag strings embedded per step of the "tag embedding" progress bar of :func:`build_tiles`
-EMBED_STEP = 256
+#: new tag strings embedded per step of the "tag embedding" progress bar of :func:`build_tiles` (the strings of a
+#: chunk of neighbouring tiles go through the text model together, sorted by token count)
+EMBED_STEP = 1024
 
 
 def _prepare_tile(k: int) -> tuple[int, PreparedTile]:
@@ -332,7 +333,7 @@ class TileShard:
 
 def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, builder: OSMGraphBuilder,
                 tag_encoder: Any = None, shard: TileShard = TileShard(), workers: int = 1,
-                chunk_size: int = 64, progress: bool = True) -> dict[str, Any]:
+                chunk_size: int = 64, progress: bool = True, max_tiles: int | None = None) -> dict[str, Any]:
     """Build and store the graphs of ``tiles`` (those of this shard) into ``out``; rerunning skips finished tiles.
 
     Layout of ``out``: ``tiles/<name>.safetensors`` (compact graphs, see :func:`geolink.graph.storage.save_graph`),
@@ -340,7 +341,9 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
     when ``tag_encoder`` is given), ``<index>.jsonl`` (one line per finished tile: name, file, bbox, crs, node
     counts, report, vocab). Unsharded runs use ``vocab``/``index``; shard ``i/n`` uses ``vocab.shard-i-of-n`` and
     ``index.shard-i-of-n`` so machines never write the same file. The index line is written last, after the
-    vocabulary it depends on, so an interrupted run resumes cleanly.
+    vocabulary it depends on, so an interrupted run resumes cleanly, and the resumed folder is byte for byte the folder
+    of an uninterrupted run (the vocabulary grows in tile order, embeddings do not depend on their batch, and every
+    file has one byte layout).
 
     Args:
         region: the features of the whole region.
@@ -353,6 +356,7 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
         chunk_size: tiles per commit of vocabulary + index.
         progress: show one progress bar per stage: geometry (tiles), tag embedding (new vocabulary strings, with
             ``tag_encoder``) and write (tiles).
+        max_tiles: stop after building this many tiles (a time-boxed run); rerunning resumes with the next tile.
 
     Returns:
         A summary: tiles built / skipped, nodes, vocabulary size, output paths.
@@ -373,6 +377,10 @@ def build_tiles(region: RegionIndex, tiles: Sequence[Tile], out: str | Path, bui
     vocabulary = TagVocabulary.load(vocab_path) if vocab_path.is_file() else TagVocabulary()
     mine = shard.positions(len(tiles))
     todo = [k for k in mine if tiles[k].name not in done]
+    if max_tiles is not None:
+        if max_tiles < 0:
+            raise InputError(f"max_tiles must be at least 0, got {max_tiles}")
+        todo = todo[:max_tiles]
     summary = {"tiles": len(mine), "built": 0, "skipped": len(mine) - len(todo), "nodes": 0, "out": str(out)}
     _WORKER.update(region=region, builder=builder, tiles=tiles)
     pool = None
@@ -472,7 +480,14 @@ class BuildGraphsConfig:
     keys: tuple[str, ...] | None = field(default=None, metadata={
         "help": "OSM keys to keep (default: keys of the frequency table)"})
     deny_keys: tuple[str, ...] | None = field(default=None, metadata={"help": "OSM keys to drop"})
+    text_dtype: str = field(default="float32", metadata={
+        "help": "text model precision: float32, or bfloat16 (faster; only where the hardware multiplies bf16 "
+                "natively: GPUs, CPUs with avx512_bf16 or AMX)"})
+    tag_table: Path | None = field(default=None, metadata={
+        "help": "tag-embedding table to start the text model warm from (geolink tag-table)"})
     workers: int = field(default=1, metadata={"help": "processes for the geometry work"})
+    max_tiles: int | None = field(default=None, metadata={
+        "help": "stop after building this many tiles (rerun to resume; the result is the same as one run)"})
     shard: TileShard | None = field(default=None, metadata={
         "help": "i/n: build only the tiles k with k mod n = i (e.g. $SLURM_ARRAY_TASK_ID/8)"})
     device: str = field(default="auto", metadata={"help": "text model device (auto: cuda if available)"})
@@ -506,6 +521,13 @@ class BuildGraphsConfig:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.text_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"text_dtype must be float32 or bfloat16, got {self.text_dtype!r}")
+        if self.max_tiles is not None and self.max_tiles < 0:
+            raise ConfigError(f"max_tiles must be at least 0, got {self.max_tiles}")
+        self.tag_table = Path(self.tag_table) if self.tag_table is not None else None
+        if self.tag_table is not None and not self.text_model:
+            raise ConfigError("tag_table needs text_model (the model the table was made with)")
 
     def tag_filter(self) -> TagFilter:
         """The key filter of ``keys`` / ``deny_keys``."""
@@ -557,15 +579,18 @@ def build_graphs(config: BuildGraphsConfig) -> dict[str, Any]:
             tiles = grid_tiles(region_bbox, tile_size=config.tile_size or DEFAULT_TILE_SIZE, crs=config.crs)
     encoder = None
     if config.text_model:
+        import torch
+
         from geolink.graph.text import TagEncoder
 
         encoder = TagEncoder(config.text_model, pooling=config.pooling, device=config.device,
-                             cache_dir=config.text_cache)
+                             cache_dir=config.text_cache, dtype=getattr(torch, config.text_dtype),
+                             table=config.tag_table)
     builder = OSMGraphBuilder(None, tag_weights=config.tag_weights,
                               tag_filter=keep if config.keys or config.deny_keys else "auto")
     read_s = time.perf_counter() - start
     summary = build_tiles(region, tiles, config.out, builder, tag_encoder=encoder, shard=config.shard or TileShard(),
-                          workers=config.workers, progress=progress)
+                          workers=config.workers, progress=progress, max_tiles=config.max_tiles)
     total = time.perf_counter() - start
     summary.update(features=len(region), read_s=round(read_s, 3), total_s=round(total, 3),
                    tiles_per_s=round(summary["built"] / max(total - read_s, 1e-9), 2),
