@@ -323,6 +323,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
         "examples:\n  geolink make-pairs --official-tiles official_examples/osm_tiles --text-model "
         "minilm --out pairs/\n"
         "  geolink make-pairs --images tiles/ --pbf helsinki.osm.pbf --text-model minilm --out pairs/"),
+    Job("export", "export the image or fusion encoder to ONNX or torch.export", "geolink.export:ExportConfig",
+        "geolink.export:export",
+        "example:\n  geolink export --model geolink_tiny.demo --component fusion --format onnx --out exported/"),
 )}
 
 

@@ -236,6 +236,8 @@ ERROR_CASES = {
     "plot-metrics": (lambda tmp, fixture: [str(tmp / "missing" / "metrics.jsonl")],
                      lambda tmp, fixture: [str(_file(tmp))]),  # not JSON
     "info": (None, lambda tmp, fixture: ["--verbose"]),  # reads no file
+    "export": (lambda tmp, fixture: ["--model", str(tmp / "missing"), "--out", str(tmp / "o")],
+               lambda tmp, fixture: ["--model", "geolink_tiny.demo", "--format", "tflite"]),
 }
 
 
