@@ -341,6 +341,9 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("tag-table", "embed a tag vocabulary once into a table file that graph builds start warm from",
         "geolink.graph.tag_table:TagTableConfig", "geolink.graph.tag_table:build_tag_table",
         "example:\n  geolink tag-table --from helsinki.osm.pbf --text-model minilm --out helsinki_minilm.safetensors"),
+    Job("export", "export the image or fusion encoder to ONNX or torch.export", "geolink.export:ExportConfig",
+        "geolink.export:export",
+        "example:\n  geolink export --model geolink_tiny.demo --component fusion --format onnx --out exported/"),
 )}
 
 

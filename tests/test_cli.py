@@ -249,6 +249,8 @@ ERROR_CASES = {
                                         str(tmp / "t.safetensors")],
                   lambda tmp, fixture: ["--from", str(tmp), "--text-model", "minilm", "--out",
                                         str(tmp / "t.safetensors"), "--min-count", "0"]),
+    "export": (lambda tmp, fixture: ["--model", str(tmp / "missing"), "--out", str(tmp / "o")],
+               lambda tmp, fixture: ["--model", "geolink_tiny.demo", "--format", "tflite"]),
 }
 
 

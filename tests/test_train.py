@@ -114,18 +114,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(ufz_pairs, tmp_pat
     main(arguments(ufz_pairs, reference, 7))
 
     killed = tmp_path / "killed"
-    real_check = trainer_module.check_finite
+    real_add = trainer_module.StepLog.add
 
-    def die_at_step_5(out, step, *args):
+    def die_at_step_5(self, step, *args):
         if step == 4:  # 0-based: the process dies during step 5, after the step-3 checkpoint
             raise KeyboardInterrupt("simulated kill")
-        return real_check(out, step, *args)
+        return real_add(self, step, *args)
 
-    monkeypatch.setattr(trainer_module, "check_finite", die_at_step_5)
+    monkeypatch.setattr(trainer_module.StepLog, "add", die_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         main(arguments(ufz_pairs, killed, 7))
-    monkeypatch.setattr(trainer_module, "check_finite", real_check)
-    assert len(read_metrics(killed)) == 4 and latest_checkpoint(killed / "checkpoints").name == "step_00000003"
+    monkeypatch.setattr(trainer_module.StepLog, "add", real_add)
+    # records reach metrics.jsonl at each flush (log_every, checkpoint, end): step 4's was still on the device
+    assert len(read_metrics(killed)) == 3 and latest_checkpoint(killed / "checkpoints").name == "step_00000003"
 
     main(arguments(ufz_pairs, killed, 7, 2, "--resume"))
     assert read_metrics(killed) == [{**r, "samples_per_s": k["samples_per_s"]}

@@ -27,11 +27,11 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import NODE_TYPES, validate_graph
+from geolink.graph.schema import NODE_TYPES, NUM_ANCHORS, validate_graph
 from geolink.hub import GeoLinkHubMixin
 from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher, validate_images
 from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
-from geolink.models.pos_embed import anchor_embedding, sincos_grid
+from geolink.models.pos_embed import anchor_embedding, sincos_2d, sincos_grid
 
 
 class Attention(nn.Module):
@@ -292,5 +292,43 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
                                                    torch.cat([batch_dict[t] for t in NODE_TYPES]), num_graphs)
         fused, _ = self.fuse(self.image_encoder.trunk.norm(maps[-1]), self.image_pos_table(grid).unsqueeze(0),
                              nodes, node_pos, padding_mask)
+        maps[-1] = fused
+        return [m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid) for m in maps]
+
+    def forward_padded(self, images: torch.Tensor, nodes: torch.Tensor, node_mask: torch.Tensor,
+                       node_types: torch.Tensor, anchors: torch.Tensor, adjacency: torch.Tensor,
+                       layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """:meth:`forward` on a padded graph batch (:func:`~geolink.models.osm.pad_graphs`): dense tensor ops only,
+        no PyG and no data-dependent shapes, so it exports (see :mod:`geolink.export`). Equal to :meth:`forward`
+        (within float rounding) on the graphs ``pad_graphs`` was given.
+
+        Args:
+            images: ``[B, C, H, W]`` normalised float images (shape and dtype are checked).
+            nodes, node_mask, node_types, anchors, adjacency: the fields of
+                :class:`~geolink.models.osm.PaddedGraphs` (B samples, N node slots).
+            layers: block indices to return (default ``out_indices``); the last one is fused.
+
+        Returns:
+            the same maps as :meth:`forward`.
+        """
+        validate_images(images, self.image_encoder.in_chans, check_finite=False)
+        indices = self.image_encoder.resolve_indices(layers) if layers is not None else self.out_indices
+        grid = (images.shape[-2] // self.image_encoder.patch_size, images.shape[-1] // self.image_encoder.patch_size)
+        maps = self.image_encoder.forward_intermediates(images, indices=indices, output_fmt="NLC",
+                                                        intermediates_only=True)
+        embeddings = self.osm_encoder.dense_node_embeddings(nodes, node_mask, node_types, adjacency)
+        tokens = torch.stack([self.node_proj[t](embeddings) for t in NODE_TYPES])  # [T, B, N, C]
+        tokens = torch.gather(tokens, 0, node_types.clamp(0, len(NODE_TYPES) - 1)[None, ..., None].expand(
+            1, -1, -1, tokens.shape[-1]))[0]
+        anchor_counts = torch.tensor([NUM_ANCHORS[t] for t in NODE_TYPES], device=anchors.device)[node_types]
+        anchor_valid = (torch.arange(anchors.shape[2], device=anchors.device) < anchor_counts.unsqueeze(-1))
+        scale = torch.tensor([grid[1], grid[0]], dtype=torch.float32, device=anchors.device)
+        per_anchor = sincos_2d(anchors.to(torch.float32) * scale, self.fusion_dim)  # [B, N, A, C]
+        weight = anchor_valid.unsqueeze(-1).to(per_anchor.dtype)
+        node_pos = ((per_anchor * weight).sum(dim=2) / weight.sum(dim=2)).to(tokens.dtype)
+        keep = node_mask.unsqueeze(-1)
+        tokens, node_pos = tokens * keep.to(tokens.dtype), node_pos * keep.to(node_pos.dtype)
+        fused, _ = self.fuse(self.image_encoder.trunk.norm(maps[-1]), self.image_pos_table(grid).unsqueeze(0),
+                             tokens, node_pos, ~node_mask)
         maps[-1] = fused
         return [m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid) for m in maps]

@@ -10,6 +10,7 @@ every graph in one pass; ``forward`` only the nodes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch_geometric.data import HeteroData
 from torch_geometric.nn import GATConv, Set2Set
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, EdgeType, edge_type_name, validate_graph
+from geolink.graph.schema import EDGE_TYPES, NODE_TYPES, NUM_ANCHORS, EdgeType, edge_type_name, validate_graph
 from geolink.hub import GeoLinkHubMixin
 
 TYPE_WEIGHTINGS = ("sum", "softmax")
@@ -46,6 +47,16 @@ class GraphLayerNorm(nn.Module):
         var = torch.zeros(num_graphs, dtype=x.dtype, device=x.device).index_add_(
             0, batch, centred.square().sum(dim=1)) / count
         return centred / (var.sqrt()[batch].unsqueeze(1) + self.eps) * self.weight + self.bias
+
+
+    def forward_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same norm on padded ``x [B, N, C]``, statistics over the ``mask [B, N]`` nodes of each sample."""
+        weight = mask.unsqueeze(-1).to(x.dtype)
+        count = (weight.sum(dim=(1, 2)) * x.shape[-1]).clamp(min=1)[:, None, None]
+        mean = (x * weight).sum(dim=(1, 2), keepdim=True) / count
+        centred = x - mean
+        var = (centred.square() * weight).sum(dim=(1, 2), keepdim=True) / count
+        return centred / (var.sqrt() + self.eps) * self.weight + self.bias
 
 
 def graph_batch_vectors(graph: HeteroData) -> tuple[dict[str, torch.Tensor], int]:
@@ -181,6 +192,31 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
             return self.encode(graph)[1]
         return self.readout_region(node_embeddings, *graph_batch_vectors(graph))
 
+    def dense_node_embeddings(self, nodes: torch.Tensor, node_mask: torch.Tensor, node_types: torch.Tensor,
+                              adjacency: torch.Tensor) -> torch.Tensor:
+        """:meth:`node_embeddings` on a :class:`PaddedGraphs` batch: the same function in dense tensor ops only (no
+        PyG, no data-dependent shapes), so it exports to ONNX and ``torch.export``.
+
+        Args:
+            nodes: ``[B, N, text_dim]``; node_mask, node_types ``[B, N]``; adjacency ``[B, N, N]`` (see
+                :class:`PaddedGraphs`).
+
+        Returns:
+            ``[B, N, osm_dim]`` node embeddings (padding rows hold finite values to be ignored).
+        """
+        if nodes.shape[-1] != self.text_dim:
+            raise InputError(f"node features have width {nodes.shape[-1]}, this encoder expects {self.text_dim}: "
+                             "build graphs with the text model the weights were trained with")
+        is_type = [(node_types == i) & node_mask for i in range(len(NODE_TYPES))]  # [B, N] each
+        out = nodes.new_zeros(*nodes.shape[:2], self.osm_dim)
+        for d, dst in enumerate(NODE_TYPES):
+            incoming = [dense_gat(self.convs[edge_type_name((src, "to", dst))], nodes,
+                                  adjacency * (is_type[d].unsqueeze(2) & is_type[s].unsqueeze(1)).to(adjacency.dtype))
+                        for s, src in enumerate(NODE_TYPES)]
+            hidden = torch.stack(incoming).mean(dim=0).relu()
+            out = torch.where(is_type[d].unsqueeze(-1), self.norm[dst].forward_dense(hidden, is_type[d]), out)
+        return out
+
     # ----------------------------------------------------------------------------------------------------------
     # timm optimiser conventions
     def no_weight_decay(self) -> set[str]:
@@ -191,3 +227,111 @@ class GeoLinkOSMEncoder(nn.Module, GeoLinkHubMixin):
         """timm's parameter groups for layer-wise learning-rate decay: the graph layer (GAT convolutions and their
         norms), then the region readout."""
         return {"stem": r"^convs\.|^norm\.", "blocks": r"^readout|^type_attention"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the padded (dense) form of a graph batch: what an exported encoder takes instead of a PyG batch
+@dataclass
+class PaddedGraphs:
+    """A graph batch as plain padded tensors (no PyG), the input of the dense forward passes and exported encoders.
+
+    Each sample's nodes are laid out polygons, then lines, then points (the order of :data:`NODE_TYPES`), then
+    padding up to ``N`` (the largest node count of the batch, at least 1).
+
+    Attributes:
+        nodes: ``[B, N, text_dim]`` float tag features ``x`` (zero rows for padding).
+        node_mask: ``[B, N]`` bool, True for a real node.
+        node_types: ``[B, N]`` int64 index into :data:`NODE_TYPES` (0 for padding).
+        anchors: ``[B, N, A, 2]`` anchors ``pos`` (``A = max(NUM_ANCHORS)`` = 4; a type with fewer anchors fills the
+            first ``NUM_ANCHORS[type]`` rows, the rest are zero and ignored).
+        adjacency: ``[B, N, N]`` float edge counts, ``adjacency[b, i, j]`` = number of edges from node ``j`` to node
+            ``i`` of sample ``b``; an edge's type follows from its end nodes' types (every type pair is one of the
+            nine edge types).
+    """
+
+    nodes: torch.Tensor
+    node_mask: torch.Tensor
+    node_types: torch.Tensor
+    anchors: torch.Tensor
+    adjacency: torch.Tensor
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        """``(nodes, node_mask, node_types, anchors, adjacency)``, the argument order of the dense forwards."""
+        return self.nodes, self.node_mask, self.node_types, self.anchors, self.adjacency
+
+
+def pad_graphs(graph: HeteroData, max_nodes: int | None = None) -> PaddedGraphs:
+    """Pack a graph batch (``Batch`` of B graphs, or one ``HeteroData``) into :class:`PaddedGraphs`.
+
+    Vectorised over the batch (no loop over samples). Duplicate edges are kept as counts, so the dense attention
+    weighs them like the edge-list form does.
+
+    Args:
+        graph: the graph batch, following :mod:`geolink.graph.schema`.
+        max_nodes: pad every sample to this many nodes (e.g. a size fixed at export); default the largest count.
+
+    Raises:
+        InputError: a sample has more than ``max_nodes`` nodes.
+    """
+    batch_dict, num_graphs = graph_batch_vectors(graph)
+    x = torch.cat([graph[t].x for t in NODE_TYPES])
+    device = x.device
+    max_anchors = max(NUM_ANCHORS.values())
+    anchors = torch.cat([torch.nn.functional.pad(graph[t].pos.to(x.dtype), (0, 0, 0, max_anchors - NUM_ANCHORS[t]))
+                         for t in NODE_TYPES])
+    types = torch.cat([torch.full((graph[t].x.shape[0],), i, dtype=torch.long, device=device)
+                       for i, t in enumerate(NODE_TYPES)])
+    batch = torch.cat([batch_dict[t] for t in NODE_TYPES])
+    # slot of every node in its sample: types in NODE_TYPES order (a stable sort by sample keeps that order)
+    order = torch.sort(batch, stable=True).indices
+    counts = torch.bincount(batch, minlength=num_graphs)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(batch)
+    slot[order] = torch.arange(batch.numel(), device=device) - starts[batch[order]]
+    size = max(1, int(counts.max())) if batch.numel() else 1
+    if max_nodes is not None:
+        if size > max_nodes:
+            raise InputError(f"a graph has {size} nodes, more than max_nodes={max_nodes}; raise max_nodes")
+        size = max_nodes
+    nodes = x.new_zeros(num_graphs, size, x.shape[1])
+    nodes[batch, slot] = x
+    padded_anchors = anchors.new_zeros(num_graphs, size, max_anchors, 2)
+    padded_anchors[batch, slot] = anchors
+    node_types = torch.zeros(num_graphs, size, dtype=torch.long, device=device)
+    node_types[batch, slot] = types
+    node_mask = torch.arange(size, device=device).unsqueeze(0) < counts.unsqueeze(1)
+    # global node index (types concatenated) of each type's first node, to map edge_index into slots
+    offsets = dict(zip(NODE_TYPES, torch.tensor([0] + [graph[t].x.shape[0] for t in NODE_TYPES]).cumsum(0).tolist()))
+    adjacency = x.new_zeros(num_graphs, size, size)
+    for (src, _, dst), edge_index in graph_edge_index_dict(graph).items():
+        source, target = edge_index[0] + offsets[src], edge_index[1] + offsets[dst]
+        adjacency.index_put_((batch[target], slot[target], slot[source]),
+                             torch.ones(target.numel(), dtype=x.dtype, device=device), accumulate=True)
+    return PaddedGraphs(nodes, node_mask, node_types, padded_anchors, adjacency)
+
+
+def dense_gat(conv: GATConv, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+    """A single-head ``GATConv`` (no self loops, no edge features) on padded dense inputs, the same function as its
+    edge-list form: ``out_i = Σ_j softmax_j(LeakyReLU(a_dst·W x_i + a_src·W x_j) + log c_ij) W x_j + bias`` over the
+    ``c_ij > 0`` edges ``j → i`` (``c_ij`` their count); a node without incoming edges gets ``bias``.
+
+    Args:
+        conv: the convolution whose weights are used.
+        x: ``[B, N, C_in]`` features of all nodes (the caller selects the rows and columns of one edge type with
+            ``adjacency``).
+        adjacency: ``[B, N, N]`` edge counts ``c_ij`` (0 = no edge), rows are destinations.
+
+    Returns:
+        ``[B, N, C_out]``.
+    """
+    if conv.heads != 1 or conv.add_self_loops or conv.lin is None:
+        raise ConfigError("dense_gat supports the single-head GATConv without self loops of GeoLinkOSMEncoder")
+    hidden = conv.lin(x)  # [B, N, C]
+    alpha_src = (hidden * conv.att_src[0]).sum(-1)  # [B, N]
+    alpha_dst = (hidden * conv.att_dst[0]).sum(-1)
+    logits = torch.nn.functional.leaky_relu(alpha_dst.unsqueeze(2) + alpha_src.unsqueeze(1), conv.negative_slope)
+    has_edge = adjacency > 0
+    logits = torch.where(has_edge, logits + torch.log(adjacency.clamp(min=1)), torch.full_like(logits, -torch.inf))
+    # rows without edges: softmax of all -inf is NaN; zero them (the edge-list sum over no edges is 0)
+    weights = torch.softmax(logits, dim=-1).masked_fill(~has_edge.any(dim=-1, keepdim=True), 0.0)
+    return weights @ hidden + conv.bias

@@ -310,10 +310,9 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         """
         x_dict, node_mask = {}, {}
         for type_index, node_type in enumerate(NODE_TYPES):
+            # a type without nodes goes through the same ops (empty tensors): its mask token still gets a (zero)
+            # gradient, so every parameter takes part in every step
             x, batch = graph[node_type].x, batch_dict[node_type]
-            if x.shape[0] == 0:
-                x_dict[node_type], node_mask[node_type] = x, torch.zeros(0, dtype=torch.bool, device=x.device)
-                continue
             counts = torch.bincount(batch)
             num_masked = torch.round(counts * self.node_mask_ratio).clamp(min=1).minimum(counts)
             noise = self._node_noise(batch, positions_within_groups(batch), 1 + type_index, sample_seeds)
@@ -355,8 +354,8 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         element = torch.cat([positions_within_groups(batch_dict[t])[select[t]] + (i << 24)
                              for i, t in enumerate(NODE_TYPES)])
         target = torch.cat([graph[t].x[select[t]] for t in NODE_TYPES])
-        if batch.numel() == 0:
-            return target.new_zeros(0, target.shape[1]), target
+        # no masked node: the same ops on empty tensors (one fully padded key), an empty prediction that keeps the
+        # fusion blocks and the head in the autograd graph
         node_tokens = torch.cat([tokens[t][select[t]] for t in NODE_TYPES])
         node_pos = torch.cat([pos[t][select[t]] for t in NODE_TYPES])
         keep = rank_within_groups(batch, self._node_noise(batch, element, 9, sample_seeds)) < self.max_masked_nodes
@@ -449,9 +448,9 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
         world_size = 1
         if cross_rank is not None and cross_rank.world_size > 1:
             count, world_size = cross_rank.all_sum(count), cross_rank.world_size
-        # a batch without nodes keeps the head in the autograd graph with a zero loss
-        loss_consistency = ((node_pred - node_target).square().mean(dim=-1).sum() * world_size / count.clamp(min=1)
-                            if node_pred.shape[0] else self.node_pred.weight.sum() * 0.0)
+        # a batch without masked nodes gives an exact zero through the same (empty) graph, so every parameter of the
+        # fusion blocks and the head takes part in every step (data parallelism needs no unused-parameter search)
+        loss_consistency = (node_pred - node_target).square().mean(dim=-1).sum() * world_size / count.clamp(min=1)
         loss = loss_mae + self.contrastive_weight * loss_contrastive + self.consistency_weight * loss_consistency
         return {
             "loss": loss, "loss_mae": loss_mae, "loss_contrastive": loss_contrastive,

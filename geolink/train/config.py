@@ -44,7 +44,8 @@ class TrainConfig:
                                                    "other GPUs, fp32 on CPU")
     save_every: int = option(500, "write a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    log_every: int = option(10, "progress-bar refresh period in steps (metrics.jsonl gets every step)")
+    log_every: int = option(10, "every N steps: check the losses are finite, write the window's records to "
+                                 "metrics.jsonl (one per step) and refresh the progress bar; the only host sync")
     seed: int = option(0, "seed of the model init, data order and masks")
     resume: bool = option(False, "continue the run in the output folder from its latest complete checkpoint")
     overwrite: bool = option(False, "start again in an output folder that holds a run: the old run is moved to "
@@ -52,6 +53,8 @@ class TrainConfig:
     num_workers: int = option(0, "data-loading worker processes per rank")
     device: str = option("auto", "cpu, cuda, or auto")
     compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute the ViT blocks' activations in the backward pass instead of "
+                                             "storing them (less memory for ViT-L at large batch, ~30 % more compute)")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
     push_to_hub: str | None = option(None, "upload the final model to this Hugging Face Hub repo id")
     overrides: dict[str, Any] = field(default_factory=dict, metadata={
@@ -95,4 +98,4 @@ class TrainConfig:
 
 # fields that may differ between a run and its resumption; not max_steps: it sets the cosine schedule of every step
 RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "log_every", "resume", "overwrite", "num_workers",
-                               "tensorboard", "push_to_hub", "out"})
+                               "tensorboard", "push_to_hub", "out", "grad_checkpointing"})

@@ -126,15 +126,85 @@ def open_dataset(spec: str) -> Dataset:
     return OfficialPairFolder(path)
 
 
-def check_finite(out: dict[str, torch.Tensor], step: int, positions: torch.Tensor, context: DistributedContext,
-                 dataset: StreamDataset) -> None:
-    bad = torch.tensor([float(not torch.isfinite(out[k]).item()) for k in LOSS_TERMS])
-    if all_mean(bad, context).sum() > 0:
-        terms = [k for k, flag in zip(LOSS_TERMS, bad.tolist()) if flag] or ["(on another rank)"]
-        samples = [dataset.index(int(p)) for p in positions]
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(terms)} = "
-                                 f"{[out[k].item() for k in LOSS_TERMS]}; dataset samples {samples}. Lower the "
-                                 "learning rate, use bf16 instead of fp16, or check those samples.")
+class StepLog:
+    """Per-step records of the steps since the last flush, kept on the device until :meth:`flush`.
+
+    The training step never waits for the device: its loss terms and gradient norm stay device tensors, and the
+    stream positions of its samples (known on the host, from the sampler) are kept next to them. Every ``log_every``
+    steps, before a checkpoint and at the end, :meth:`flush` moves the window to the host in one transfer (one
+    collective across ranks), refuses a non-finite loss naming its step and samples, and returns the records.
+    """
+
+    def __init__(self, context: DistributedContext, dataset: StreamDataset) -> None:
+        self.context, self.dataset = context, dataset
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window (its throughput is timed from now)."""
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+        self.positions: list[list[int]] = []
+        self.values: list[torch.Tensor] = []  # [len(LOSS_TERMS) + 1] per step: loss terms, grad norm
+        self.tick = time.perf_counter()
+
+    def add(self, step: int, lr: float, terms: torch.Tensor, grad_norm: torch.Tensor, positions: list[int]) -> None:
+        """Record optimisation step ``step`` (0-based): ``terms`` its mean loss terms on this rank, its samples."""
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.positions.append(positions)
+        self.values.append(torch.cat([terms, grad_norm.detach().float().reshape(1).to(terms.device)]))
+
+    def flush(self, samples_per_step: int) -> list[dict]:
+        """The metrics records of the recorded steps (loss terms averaged over ranks), then start a new window.
+
+        ``samples_per_s`` is measured over the window (the device work of a step is only waited for here).
+
+        Raises:
+            NonFiniteLossError: naming the first step of the window with a NaN or infinite loss term, its terms and
+                this rank's dataset samples of that step.
+        """
+        if not self.steps:
+            return []
+        local = torch.stack(self.values).cpu()  # the one wait for the device in the window
+        terms = all_mean(local[:, : len(LOSS_TERMS)].to(self.context.device), self.context).cpu()
+        bad_steps = (~torch.isfinite(terms)).any(dim=1).nonzero().flatten().tolist()
+        if bad_steps:
+            index = bad_steps[0]
+            bad = [k for k, value in zip(LOSS_TERMS, local[index].tolist()) if not math.isfinite(value)]
+            samples = [self.dataset.index(p) for p in self.positions[index]]
+            raise NonFiniteLossError(f"non-finite loss at step {self.steps[index]}: "
+                                     f"{', '.join(bad) or '(on another rank)'} = "
+                                     f"{local[index, : len(LOSS_TERMS)].tolist()}; "
+                                     f"dataset samples {samples}. Lower the learning rate, use bf16 instead of fp16, "
+                                     "or check those samples.")
+        now = time.perf_counter()
+        rate = samples_per_step * len(self.steps) / max(now - self.tick, 1e-9)
+        records = [{"step": step + 1, **dict(zip(LOSS_TERMS, row)), "lr": lr, "grad_norm": norm,
+                    "samples_per_s": rate}
+                   for step, lr, row, norm in zip(self.steps, self.lrs, terms.tolist(), local[:, -1].tolist())]
+        self.reset()
+        return records
+
+
+def ddp_ignored_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters the pretraining loss never reads with this architecture, which data parallelism must
+    not wait for: the OSM encoder's type attention when ``type_weighting="sum"`` (the official ViT-L setting).
+
+    Every other parameter takes part in every step, so DDP runs with ``find_unused_parameters=False``.
+    """
+    osm = getattr(model, "osm_encoder", None)
+    if osm is not None and osm.type_weighting == "sum":
+        prefix = next(name for name, module in model.named_modules() if module is osm.type_attention)
+        return [f"{prefix}.{name}" for name, _ in osm.type_attention.named_parameters()]
+    return []
+
+
+def make_optimizer(model: torch.nn.Module, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.95) over :func:`~geolink.runtime.param_groups`; the fused CUDA kernel when every
+    parameter is on a GPU (one kernel launch for the whole update), the default implementation otherwise."""
+    groups = param_groups(model, weight_decay)
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=fused or None)
 
 
 # what a run writes into its out folder; ``overwrite`` moves these aside
@@ -254,7 +324,8 @@ def train(config: TrainConfig) -> Path:
     prepare_run_folder(config, context)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = create_model(config.arch, **nest_overrides(config.overrides)).to(context.device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=0.0, betas=(0.9, 0.95))
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    optimizer = make_optimizer(model, config.weight_decay)
     dtype = resolve_precision(config.precision, context.device)
     scaler = torch.amp.GradScaler(context.device.type, enabled=dtype == torch.float16)
     torch.manual_seed(rank_seed(config.seed, context.rank))  # this rank's dropout stream; a resume restores its state
@@ -266,19 +337,23 @@ def train(config: TrainConfig) -> Path:
                               config.max_steps * config.accum_steps)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_stream, num_workers=config.num_workers,
                         generator=torch.Generator().manual_seed(config.seed))  # leaves the global RNG alone
-    engine = DistributedDataParallel(model, find_unused_parameters=True) if context.enabled else model
+    engine = model
+    if context.enabled:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored_parameters(model))
+        engine = DistributedDataParallel(model, find_unused_parameters=False)
     if config.compile:
         engine = torch.compile(engine)
     cross_rank = TorchDistributed(context) if context.enabled else None
     metrics = open(run_dir / "metrics.jsonl", "a") if context.is_main else None  # noqa: SIM115 (closed below)
     board = tensorboard_writer(run_dir) if context.is_main and config.tensorboard else None
     progress = tqdm(total=config.max_steps, initial=start, disable=not context.is_main, desc="pretrain")
-    batches, tick = iter(loader), time.perf_counter()
+    batches, log = iter(loader), StepLog(context, data)
     for step in range(start, config.max_steps):
         lr = config.lr_at(step, context.world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = torch.zeros(len(LOSS_TERMS))
+        totals = torch.zeros(len(LOSS_TERMS), device=context.device)
+        step_positions: list[int] = []
         for micro in range(config.accum_steps):
             images, graphs, positions = next(batches)
             images, graphs = images.to(context.device, non_blocking=True), graphs.to(context.device)
@@ -287,31 +362,34 @@ def train(config: TrainConfig) -> Path:
                 # the datasets validate what they decode, so the step skips the models' input checks (host syncs)
                 out = engine(images, graphs, sample_seeds=positions + config.seed * SAMPLE_SEED_STRIDE,
                              cross_rank=cross_rank, validate=False)
-            check_finite(out, step, positions, context, data)
             with sync:
                 scaler.scale(out["loss"] / config.accum_steps).backward()
-            totals += torch.stack([out[k].detach().float().cpu() for k in LOSS_TERMS]) / config.accum_steps
+            # no host sync in the step: the terms stay on the device until the log window is flushed
+            totals += torch.stack([out[k].detach().float() for k in LOSS_TERMS]) / config.accum_steps
+            step_positions += positions.tolist()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or math.inf)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        totals = all_mean(totals, context)
-        now = time.perf_counter()
-        record = {"step": step + 1, **dict(zip(LOSS_TERMS, totals.tolist())), "lr": lr, "grad_norm": float(grad_norm),
-                  "samples_per_s": config.global_batch(context.world_size) / (now - tick)}
-        tick = now
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if board:
-            for key, value in record.items():
-                if key != "step":
-                    board.add_scalar(f"pretrain/{key}", value, step + 1)
+        log.add(step, lr, totals, grad_norm, step_positions)
         progress.update(1)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+        saving = (step + 1) % config.save_every == 0 or step + 1 == config.max_steps
+        if (step + 1) % config.log_every == 0 or saving:
+            # a non-finite loss is refused here, before any checkpoint could store its weights
+            records = log.flush(config.global_batch(context.world_size))
+            for record in records:
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                if board:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"pretrain/{key}", value, record["step"])
+            if metrics:
+                metrics.flush()
+            record = records[-1]
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.max_steps:
+        if saving:
             save_checkpoint(run_dir / "checkpoints", step + 1, model, optimizer, scaler.state_dict(), config.to_dict(),
                             context.rank, context.world_size, config.keep_checkpoints)
     progress.close()
