@@ -226,6 +226,33 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 
 # ------------------------------------------------------------------------------------------------ job-config fields
+class Engine(str, Enum):
+    """Where a job's per-item work runs: ``local`` (this process and its workers) or ``ray`` (a Ray cluster, started
+    locally when none is connected; ``pip install geolink[distributed]``)."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module (with ``ray.data``), started locally when no cluster is connected.
+
+    Raises:
+        MissingDependencyError: Ray is not installed.
+    """
+    from geolink.errors import MissingDependencyError
+
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError("engine ray needs Ray; install it with `pip install geolink[distributed]`"
+                                     ) from err
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    return ray
+
+
 def option(default: Any, help: str, **metadata: Any) -> Any:
     """A job-config dataclass field with a default and its help (``geolink`` derives the field's flag from it; the
     other metadata keys, ``flag``, ``positional`` and ``metavar``, are described in :mod:`geolink.cli`)."""

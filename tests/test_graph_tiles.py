@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,39 @@ def test_build_graphs_shards_and_workers(built_folder, tmp_path, minilm_encoder)
         assert a.name == b.name
         for t in NODE_TYPES:
             torch.testing.assert_close(a[t].x, b[t].x, rtol=1e-5, atol=1e-6)
+
+
+def test_build_graphs_on_a_local_ray_instance_gives_the_local_folder(built_folder, tmp_path, minilm_path):
+    """engine ray: one shard per Ray task, merged on the driver: the same tiles and node features as the local build;
+    a rerun of the finished folder builds nothing."""
+    ray = pytest.importorskip("ray")
+    out, pbf, _ = built_folder
+    distributed = tmp_path / "ray"
+    config = BuildGraphsConfig(pbf=pbf, bbox=HELSINKI_SMALL, grid=(2, 3), out=distributed, text_model=str(minilm_path),
+                               engine="ray", workers=2, quiet=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = build_graphs(config)
+        assert summary["shards"] == 2 and summary["built"] == 6
+        assert build_graphs(config)["built"] == 0
+    finally:
+        ray.shutdown()
+    assert not list(distributed.glob("*shard*"))
+    merged, full = GraphFolder(distributed), GraphFolder(out)
+    assert len(merged) == len(full) == 6
+    for k in range(6):
+        a, b = merged[k], full[k]
+        assert a.name == b.name
+        for t in NODE_TYPES:
+            torch.testing.assert_close(a[t].x, b[t].x, rtol=1e-5, atol=1e-6)
+            assert torch.equal(a[t].pos, b[t].pos)
+        for e in EDGE_TYPES:
+            assert torch.equal(a[e].edge_index, b[e].edge_index)
+
+
+def test_engine_ray_refuses_a_shard():
+    with pytest.raises(ConfigError, match="engine ray splits the tiles itself"):
+        BuildGraphsConfig(pbf=Path("x.osm.pbf"), out=Path("o"), engine="ray", shard=TileShard(0, 2))
 
 
 def test_build_graphs_projected_crs(shared_data, tmp_path):

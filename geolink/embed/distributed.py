@@ -19,17 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geolink.errors import MissingDependencyError
-
-
-def _ray() -> Any:
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError("engine ray needs Ray; install it with `pip install geolink[distributed]`"
-                                     ) from err
-    return ray
+from geolink.runtime import import_ray
 
 
 class TagTable:
@@ -110,9 +100,7 @@ def run_ray(config: Any, job: dict[str, Any], todo: Sequence[tuple[int, Any]], p
     Returns:
         Window counts: fused, image, skipped, failed_windows.
     """
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ray = import_ray()
     dataset = job["dataset"]
     portable = copy.copy(dataset)
     portable.windows = list(todo)

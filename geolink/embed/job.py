@@ -42,7 +42,7 @@ from geolink.embed.windows import RasterInfo, expand_images, inspect_raster
 from geolink.errors import ConfigError, DataError, InputError
 from geolink.graph.readers import reproject, reproject_bbox
 from geolink.graph.tiles import TileShard
-from geolink.runtime import Precision, option
+from geolink.runtime import Engine, Precision, option
 
 MULTI_CRS = "OGC:CRS84"
 """The CRS of a file whose rasters are in several CRSs (footprints reprojected)."""
@@ -55,14 +55,6 @@ class EmbedMode(str, enum.Enum):
     AUTO = "auto"
     FUSED = "fused"
     IMAGE = "image"
-
-
-class Engine(str, enum.Enum):
-    """Where the windows run: ``local`` (this process and its DataLoader workers) or ``ray`` (a Ray cluster, started
-    locally when none is connected)."""
-
-    LOCAL = "local"
-    RAY = "ray"
 
 
 class Bands(tuple):

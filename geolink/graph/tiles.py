@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from geolink.graph.readers import (
 from geolink.graph.storage import MAX_INDEX_BYTES, load_graph, load_table, read_jsonl, save_graph, save_vocabulary
 from geolink.graph.tags import TagFilter, TagVocabulary
 from geolink.graph.text import POOLINGS
+from geolink.runtime import Engine, import_ray
 
 _METRES_PER_DEGREE = 111_320.0
 
@@ -490,6 +491,9 @@ class BuildGraphsConfig:
         "help": "stop after building this many tiles (rerun to resume; the result is the same as one run)"})
     shard: TileShard | None = field(default=None, metadata={
         "help": "i/n: build only the tiles k with k mod n = i (e.g. $SLURM_ARRAY_TASK_ID/8)"})
+    engine: Engine = field(default=Engine.LOCAL, metadata={
+        "help": "local, or ray: one shard per Ray task (workers tasks, default one per cluster CPU), then merged; "
+                "out must be a folder every Ray node can write (pip install geolink[distributed])"})
     device: str = field(default="auto", metadata={"help": "text model device (auto: cuda if available)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -521,6 +525,9 @@ class BuildGraphsConfig:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        self.engine = Engine(self.engine)
+        if self.engine is Engine.RAY and (self.shard is not None or self.merge_shards):
+            raise ConfigError("engine ray splits the tiles itself: pass neither shard nor merge_shards with it")
         if self.text_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"text_dtype must be float32 or bfloat16, got {self.text_dtype!r}")
         if self.max_tiles is not None and self.max_tiles < 0:
@@ -557,6 +564,8 @@ def build_graphs(config: BuildGraphsConfig) -> dict[str, Any]:
     progress = not config.quiet
     if config.merge_shards:
         return merge_shards(config.out, progress=progress)
+    if config.engine is Engine.RAY and not (config.out / "index.jsonl").exists():
+        return _build_graphs_on_ray(config)
     start = time.perf_counter()
     keep = config.tag_filter()
     # one reprojection for the whole region, not per tile (footprint tiles each keep their own CRS)
@@ -596,6 +605,35 @@ def build_graphs(config: BuildGraphsConfig) -> dict[str, Any]:
                    tiles_per_s=round(summary["built"] / max(total - read_s, 1e-9), 2),
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return summary
+
+
+def _build_graphs_on_ray(config: BuildGraphsConfig) -> dict[str, Any]:
+    """``engine=ray``: the tiles split into ``n`` shards (``workers``, or one per cluster CPU), each built by one Ray
+    task running this job locally (the same per-tile functions, :class:`TileShard` ``i/n``), then
+    :func:`merge_shards` on the driver. Rerunning resumes: each shard skips its finished tiles. Once merged, the
+    folder has an ``index.jsonl`` and a rerun takes the local path, which skips every finished tile."""
+    from tqdm.auto import tqdm
+
+    ray = import_ray()
+    count = config.workers if config.workers > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=1)(_build_shard)
+    shards = [replace(config, engine=Engine.LOCAL, shard=TileShard(i, count), workers=1, quiet=True)
+              for i in range(count)]
+    pending = [task.remote(shard) for shard in shards]
+    summaries = []
+    with tqdm(total=count, desc="ray shards", unit="shard", disable=config.quiet) as bar:
+        while pending:
+            done, pending = ray.wait(pending)
+            summaries += ray.get(done)
+            bar.update(len(done))
+    merged = merge_shards(config.out, progress=not config.quiet)
+    return {**merged, "shards": count, "built": sum(s["built"] for s in summaries),
+            "skipped": sum(s["skipped"] for s in summaries), "nodes": sum(s["nodes"] for s in summaries)}
+
+
+def _build_shard(config: BuildGraphsConfig) -> dict[str, Any]:
+    """One Ray task of :func:`_build_graphs_on_ray`: this shard's tiles, built as the local engine builds them."""
+    return build_graphs(config)
 
 
 def merge_shards(out: str | Path, progress: bool = True) -> dict[str, Any]:
