@@ -116,17 +116,23 @@ FIGURES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"figures to make, of {', '.join(FIGURES)} (default: all)")
-    parser.add_argument("--out", type=Path, default=GALLERY, help="output folder (default: docs/gallery)")
+def make_figures(figures: dict[str, Callable[[Path], Path]], default_out: Path, description: str,
+                 argv: list[str] | None = None) -> None:
+    """The command line of a figure script: make the named figures (default: all) into ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("names", nargs="*", help=f"figures to make, of {', '.join(figures)} (default: all)")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default: {default_out})")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(FIGURES))
+    unknown = sorted(set(args.names) - set(figures))
     if unknown:
-        parser.error(f"unknown figures {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    for name in args.names or FIGURES:
-        path = FIGURES[name](args.out / name)
+        parser.error(f"unknown figures {', '.join(unknown)}; choose from {', '.join(figures)}")
+    for name in args.names or figures:
+        path = figures[name](args.out / name)
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    make_figures(FIGURES, GALLERY, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ Each figure is the output of a ``geolink`` job (or of the library call behind it
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from make_gallery import save_small
+from make_gallery import make_figures, save_small
 from PIL import Image, ImageDraw, ImageFont
 
 TOOLS = Path(__file__).resolve().parent / "tools"
@@ -98,16 +97,7 @@ FIGURES: dict[str, Callable[[Path], Path]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"figures to make, of {', '.join(FIGURES)} (default: all)")
-    parser.add_argument("--out", type=Path, default=TOOLS, help="output folder (default: docs/tools)")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.names) - set(FIGURES))
-    if unknown:
-        parser.error(f"unknown figures {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    for name in args.names or FIGURES:
-        path = FIGURES[name](args.out / name)
-        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
+    make_figures(FIGURES, TOOLS, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

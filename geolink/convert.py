@@ -81,6 +81,32 @@ class OfficialCheckpointError(InputError):
     """An official checkpoint that geolink cannot convert (unsafe, corrupt or of an unknown layout)."""
 
 
+def check_archive_crc(path: Path) -> None:
+    """Verify the CRC-32 that a ``.pth`` zip archive stores for each record (torch's writer computes them; torch's
+    reader does not check them): a flipped bit anywhere in a tensor is caught before the file is used. Files in the
+    legacy non-zip format, and records stored without a CRC, are not checked.
+
+    Raises:
+        OfficialCheckpointError: a record fails its check (naming it) or the archive cannot be read.
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    where = ""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0 and record.file_size:
+                    continue  # written with torch's CRC computation switched off
+                where = f" (record {record.filename})"
+                with archive.open(record) as stream:
+                    while stream.read(1 << 24):
+                        pass  # zipfile checks the CRC-32 at the end of each record
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise OfficialCheckpointError(f"{path} is damaged{where}: {error}; re-download the official file") from None
+
+
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read an official ``.pth`` safely: ``(model_config, state_dict)``.
 
@@ -92,6 +118,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"no checkpoint at {path} (pass the official GeoLink .pth file)")
+    check_archive_crc(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

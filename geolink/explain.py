@@ -30,11 +30,9 @@ from torch_geometric.data import Batch, HeteroData
 
 from geolink.demo import GREY, INK, TYPE_COLOURS, _wrap
 from geolink.errors import InputError, MissingInputError
-from geolink.graph.schema import NODE_TYPES, validate_graph
+from geolink.graph.schema import NODE_TYPES
 from geolink.models import GeoLinkForPretraining, GeoLinkFusionEncoder
-from geolink.models.fusion import pack_nodes
-from geolink.models.image import validate_images
-from geolink.models.osm import graph_batch_vectors
+from geolink.models.fusion import check_image_graph_batch, pack_nodes
 
 #: nodes per chunk of the isolated pass (each node gets its own copy of the image tokens)
 ISOLATED_CHUNK = 64
@@ -83,12 +81,7 @@ def fusion_inputs(fusion: GeoLinkFusionEncoder, images: torch.Tensor, graph: Het
                   validate: bool = True) -> FusionInputs:
     """The inputs of the fusion block for ``images`` and their graphs (the stages of
     :meth:`GeoLinkFusionEncoder.forward` before the block, unmasked)."""
-    validate_images(images, fusion.image_encoder.in_chans, check_finite=validate)
-    if validate:
-        validate_graph(graph, fusion.osm_encoder.text_dim)
-    batch_dict, num_graphs = graph_batch_vectors(graph)
-    if num_graphs != images.shape[0]:
-        raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+    batch_dict, num_graphs = check_image_graph_batch(images, graph, fusion.image_encoder, fusion.osm_encoder, validate)
     patch = fusion.image_encoder.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     last = fusion.image_encoder.forward_intermediates(images, indices=fusion.out_indices[-1:], output_fmt="NLC",

@@ -33,6 +33,7 @@ from torch_geometric.data import Batch, HeteroData
 from geolink.errors import DataError, InputError, MissingInputError
 from geolink.graph.schema import NODE_TYPES
 from geolink.models import GeoLinkForPretraining
+from geolink.models.pretrain import require_pretraining_model
 
 MODALITIES = ("image", "osm")
 BUNDLED_PAIRS = Path(__file__).parent / "assets" / "pairs"
@@ -112,19 +113,11 @@ class EmbeddingIndex:
         return cls(embeddings, names, modality)
 
 
-def _require_heads(model: Any) -> GeoLinkForPretraining:
-    if not isinstance(model, GeoLinkForPretraining):
-        raise InputError(f"model is a {type(model).__name__}, without the contrastive projection heads retrieval "
-                         "needs: pass a GeoLinkForPretraining (a folder saved from the pretraining model, e.g. "
-                         "geolink_tiny.demo or a `geolink pretrain` run)")
-    return model
-
-
 @torch.no_grad()
 def embed_images(model: GeoLinkForPretraining, images: Sequence[torch.Tensor], batch_size: int = 32,
                  normalize: bool = True) -> torch.Tensor:
     """``encode_image`` over normalised ``[C, H, W]`` images of one size, in batches: ``[N, P]``."""
-    model = _require_heads(model)
+    model = require_pretraining_model(model, "the contrastive projection heads retrieval needs")
     out = [model.encode_image(torch.stack(list(images[i:i + batch_size])), normalize=normalize)
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.region_projection.out_features)
@@ -134,7 +127,7 @@ def embed_images(model: GeoLinkForPretraining, images: Sequence[torch.Tensor], b
 def embed_graphs(model: GeoLinkForPretraining, graphs: Sequence[HeteroData], batch_size: int = 32,
                  normalize: bool = True) -> torch.Tensor:
     """``encode_osm`` over graphs, in batches: ``[N, P]``."""
-    model = _require_heads(model)
+    model = require_pretraining_model(model, "the contrastive projection heads retrieval needs")
     out = [model.encode_osm(Batch.from_data_list(list(graphs[i:i + batch_size])), normalize=normalize)
            for i in range(0, len(graphs), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.region_projection.out_features)

@@ -46,20 +46,12 @@ from geolink.explain import (
 )
 from geolink.graph.schema import NODE_TYPES
 from geolink.models import GeoLinkForPretraining
-from geolink.models.pretrain import with_node_features
+from geolink.models.pretrain import require_pretraining_model, with_node_features
 
 #: graph copies per chunk of the masked pass (each copy masks one node)
 MASK_CHUNK = 32
 #: how many of the commonest keys of the key-frequency table join the default candidates
 COMMON_KEYS = 200
-
-
-def _require_heads(model: Any) -> GeoLinkForPretraining:
-    if not isinstance(model, GeoLinkForPretraining):
-        raise InputError(f"model is a {type(model).__name__}, without the node mask tokens and node prediction head "
-                         "this tool needs: pass a GeoLinkForPretraining (a folder saved from the pretraining model, "
-                         "e.g. geolink_tiny.demo or a `geolink pretrain` run, loaded with load_model(<folder>))")
-    return model
 
 
 def _node_list(graph: HeteroData, nodes: Iterable[tuple[str, int]] | None) -> list[tuple[str, int]]:
@@ -92,7 +84,7 @@ def masked_predictions(model: GeoLinkForPretraining, image: torch.Tensor, graph:
     Returns:
         One ``[text_dim]`` prediction per node of ``nodes``.
     """
-    model = _require_heads(model)
+    model = require_pretraining_model(model, "the node mask tokens and node prediction head this tool needs")
     fusion = model.fusion_encoder
     images = image.unsqueeze(0) if image.dim() == 3 else image
     nodes = _node_list(graph, nodes)
@@ -195,7 +187,7 @@ def suggest_tags(model: GeoLinkForPretraining, image: torch.Tensor, graph: Heter
         InputError: a model without the heads, a node out of range, a graph without nodes, or a text model of
             another width than the model's.
     """
-    model = _require_heads(model)
+    model = require_pretraining_model(model, "the node mask tokens and node prediction head this tool needs")
     _check_text_width(model, tag_encoder)
     prediction = masked_predictions(model, image, graph, [node])[0]
     if candidates is None:

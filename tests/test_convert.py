@@ -21,6 +21,7 @@ from geolink.convert import (
     convert,
     converted_folder,
     load_official_checkpoint,
+    read_official_checkpoint,
 )
 from geolink.errors import DataError, InputError, MissingInputError
 from geolink.graph.official import graph_from_official
@@ -54,6 +55,19 @@ def test_a_truncated_file_is_refused(parity_dir, tmp_path):
     path.write_bytes((parity_dir / "geolink_vit_official_format.pth").read_bytes()[:5000])
     with pytest.raises(OfficialCheckpointError, match="not a readable PyTorch checkpoint"):
         load_official_checkpoint(path)
+
+
+def test_a_bit_flip_in_an_official_file_is_caught_by_its_crc(parity_dir, tmp_path):
+    """A .pth is a zip archive with a CRC-32 per tensor record, which torch does not check: a flipped bit in a weight
+    that stays finite would otherwise load silently. The damaged record is named; the intact file still loads."""
+    path = tmp_path / "official.pth"
+    path.write_bytes((parity_dir / "geolink_multimodal_official_format.pth").read_bytes())
+    read_official_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"official\.pth is damaged \(record .*/data/\d+\).*re-download"):
+        read_official_checkpoint(path)
 
 
 def test_a_missing_tensor_is_named(official_state, tmp_path):

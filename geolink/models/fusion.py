@@ -121,6 +121,24 @@ class TwoWayFusionBlock(nn.Module):
         return (image, nodes, attention) if return_attention else (image, nodes)
 
 
+def check_image_graph_batch(images: torch.Tensor, graph: HeteroData, image_encoder: GeoLinkImageEncoder,
+                            osm_encoder: GeoLinkOSMEncoder, validate: bool = True
+                            ) -> tuple[dict[str, torch.Tensor], int]:
+    """Check a batch of images ``[B, C, H, W]`` with one graph each (shapes always; values too with ``validate``)
+    and return the graph's per-type batch vectors and graph count (:func:`graph_batch_vectors`).
+
+    Raises:
+        InputError: bad images or graphs (see :func:`validate_images`, ``validate_graph``), or not one graph per image.
+    """
+    validate_images(images, image_encoder.in_chans, check_finite=validate)
+    if validate:
+        validate_graph(graph, osm_encoder.text_dim)
+    batch_dict, num_graphs = graph_batch_vectors(graph)
+    if num_graphs != images.shape[0]:
+        raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+    return batch_dict, num_graphs
+
+
 def pack_nodes(tokens: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scatter nodes of all graphs into padded per-graph tensors (order within a graph is kept).
@@ -275,13 +293,8 @@ class GeoLinkFusionEncoder(nn.Module, GeoLinkHubMixin):
             InputError: naming the bad input (unbatched or integer images, an empty batch, a graph missing a node
                 type, wrong anchors, ``pos`` outside [0, 1], NaN pixels, ``x`` or ``pos``).
         """
-        validate_images(images, self.image_encoder.in_chans, check_finite=validate)
-        if validate:
-            validate_graph(graph, self.osm_encoder.text_dim)
+        batch_dict, num_graphs = check_image_graph_batch(images, graph, self.image_encoder, self.osm_encoder, validate)
         indices = self.image_encoder.resolve_indices(layers) if layers is not None else self.out_indices
-        batch_dict, num_graphs = graph_batch_vectors(graph)
-        if num_graphs != images.shape[0]:
-            raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
         grid = (images.shape[-2] // self.image_encoder.patch_size, images.shape[-1] // self.image_encoder.patch_size)
         maps = self.image_encoder.forward_intermediates(images, indices=indices, output_fmt="NLC",
                                                         intermediates_only=True)

@@ -34,11 +34,11 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from geolink.errors import ConfigError, InputError
-from geolink.graph.schema import NODE_TYPES, validate_graph
+from geolink.graph.schema import NODE_TYPES
 from geolink.hub import GeoLinkHubMixin
-from geolink.models.fusion import GeoLinkFusionEncoder, pack_nodes
+from geolink.models.fusion import GeoLinkFusionEncoder, check_image_graph_batch, pack_nodes
 from geolink.models.image import GeoLinkImageEncoder, prefixed_matcher, validate_images
-from geolink.models.osm import GeoLinkOSMEncoder, graph_batch_vectors
+from geolink.models.osm import GeoLinkOSMEncoder
 from geolink.models.pos_embed import sincos_grid
 
 _MASK32 = 0xFFFFFFFF
@@ -425,12 +425,7 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
             ``pred`` ``[B, L, p·p·C]``, ``mask`` ``[B, L]``, ``node_mask`` (``{type: [N_t]}``), ``node_pred`` /
             ``node_target`` ``[M, text_dim]``, ``image_embedding`` / ``region_embedding`` ``[B, projection_dim]``.
         """
-        validate_images(images, self.image_encoder.in_chans, check_finite=validate)
-        if validate:
-            validate_graph(graph, self.osm_encoder.text_dim)
-        batch_dict, num_graphs = graph_batch_vectors(graph)
-        if num_graphs != images.shape[0]:
-            raise InputError(f"got {images.shape[0]} images but {num_graphs} graphs; pass one graph per image")
+        batch_dict, num_graphs = check_image_graph_batch(images, graph, self.image_encoder, self.osm_encoder, validate)
         latent, mask, ids_keep, ids_restore, grid = self.forward_encoder(images, self.mask_ratio, sample_seeds)
         pred = self.forward_decoder(latent, ids_restore, grid)
         loss_mae = self.forward_loss(images, pred, mask)
@@ -458,3 +453,20 @@ class GeoLinkForPretraining(nn.Module, GeoLinkHubMixin):
             "node_pred": node_pred, "node_target": node_target, "image_embedding": image_embedding,
             "region_embedding": region_embedding,
         }
+
+
+def require_pretraining_model(model: object, needs: str) -> GeoLinkForPretraining:
+    """``model`` itself when it is a :class:`GeoLinkForPretraining` (the only class with the pretraining heads).
+
+    Args:
+        model: what the user passed.
+        needs: what the calling tool needs of the heads, for the message (e.g. "the contrastive projection heads").
+
+    Raises:
+        InputError: another model (e.g. a fusion-only folder), naming what is missing and which folder to pass.
+    """
+    if not isinstance(model, GeoLinkForPretraining):
+        raise InputError(f"model is a {type(model).__name__}, without {needs}: pass a GeoLinkForPretraining (a folder "
+                         "saved from the pretraining model, e.g. geolink_tiny.demo or a `geolink pretrain` run, "
+                         "loaded with load_model(<folder>))")
+    return model
