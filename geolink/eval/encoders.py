@@ -16,7 +16,8 @@ registered architecture (random weights; for tests) or ``"timm:<name>"``. Device
 
 from __future__ import annotations
 
-import sys
+import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -32,6 +33,8 @@ from geolink.errors import DataError, InputError, MissingWeightsError
 from geolink.models.heads import global_features
 from geolink.models.image import GeoLinkImageEncoder
 from geolink.runtime import IMAGENET_MEAN, IMAGENET_STD, autocast, normalise, resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 class Pool(str, Enum):
@@ -71,8 +74,8 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
             (only for ``component="image"``).
         component: ``"image"`` or ``"fusion"`` (or any :func:`geolink.create_model` component).
         timm_pretrained: for ``"timm:"`` specs, load timm's pretrained weights: from the local Hugging Face cache,
-            else downloaded once (a line on stderr says so).
-        warn: print a warning to stderr when the weights are random.
+            else downloaded once (logged at INFO level).
+        warn: warn (``UserWarning``) when the weights are random.
         **overrides: for registered architectures, config sections (``image={"img_size": 64}``, see
             :func:`geolink.create_model`); for timm models, ``timm.create_model`` kwargs (``img_size=64``).
 
@@ -92,8 +95,8 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
 
         name = spec[len("timm:"):]
         if timm_pretrained and not _timm_weights_cached(name) and not huggingface_hub.constants.HF_HUB_OFFLINE:
-            print(f"downloading the pretrained weights of timm model {name} (once: later runs use the local cache)",
-                  file=sys.stderr)
+            logger.info("downloading the pretrained weights of timm model %s (once: later runs use the local cache)",
+                        name)
         try:
             model = timm.create_model(name, pretrained=timm_pretrained, num_classes=0, **overrides)
         except OSError as error:  # not cached and no network: LocalEntryNotFoundError, URLError, ConnectionError
@@ -103,7 +106,7 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
                 "weights: timm_pretrained=False (geolink eval --no-timm-pretrained)") from error
         cfg = model.pretrained_cfg or {}
         if warn and not timm_pretrained:
-            print(f"warning: {name} has random weights (timm pretrained=False)", file=sys.stderr)
+            warnings.warn(f"{name} has random weights (timm pretrained=False)", stacklevel=2)
         return LoadedEncoder(model.eval(), name, tuple(cfg.get("mean", IMAGENET_MEAN)),
                              tuple(cfg.get("std", IMAGENET_STD)), timm_pretrained)
     if spec in registry.list_pretrained():  # a registered tag always means the registry's, never a folder
@@ -119,8 +122,9 @@ def load_encoder(spec: str, component: str = "image", timm_pretrained: bool = Tr
                              f"{', '.join(registry.list_pretrained())})")
         model = registry.create_model(spec, component=component, **overrides)
         if warn:
-            print(f"warning: {spec} is an architecture name, so its weights are random; pass a pretrained tag "
-                  f"({', '.join(registry.list_pretrained())}) or a converted folder for real results", file=sys.stderr)
+            warnings.warn(f"{spec} is an architecture name, so its weights are random; pass a pretrained tag "
+                          f"({', '.join(registry.list_pretrained())}) or a converted folder for real results",
+                          stacklevel=2)
         return LoadedEncoder(model.eval(), spec, pretrained=False)
     raise InputError(f"cannot resolve model {spec!r} (pass a geolink folder, a pretrained tag "
                      f"({', '.join(registry.list_pretrained())}), an architecture "
