@@ -19,6 +19,7 @@ Pretraining, evaluation, fine-tuning, the examples and the apps all use these, s
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import random
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geolink.errors import ConfigError, InputError
+from geolink.errors import ConfigError, InputError, MissingDependencyError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -234,20 +235,33 @@ class Engine(str, Enum):
     RAY = "ray"
 
 
+def require_module(module: str, extra: str, purpose: str = "this") -> Any:
+    """Import an optional dependency, or raise naming the geolink extra that installs it.
+
+    Args:
+        module: the module to import, e.g. ``"rasterio"`` or ``"pyarrow.parquet"``.
+        extra: the geolink extra that installs it, e.g. ``"embed"``.
+        purpose: what needs it, for the message (e.g. ``"reading rasters"``).
+
+    Raises:
+        MissingDependencyError: the module is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(f"{module.partition('.')[0]} is needed for {purpose}; install it with "
+                                     f"`pip install geolink[{extra}]`") from err
+
+
 def import_ray() -> Any:
     """The ``ray`` module (with ``ray.data``), started locally when no cluster is connected.
 
     Raises:
         MissingDependencyError: Ray is not installed.
     """
-    from geolink.errors import MissingDependencyError
+    require_module("ray.data", "distributed", "engine ray")
+    import ray
 
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError("engine ray needs Ray; install it with `pip install geolink[distributed]`"
-                                     ) from err
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     return ray

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from geolink.errors import MissingDependencyError
+from geolink.runtime import require_module
 
 GEO_VERSION = "1.1.0"
 ODBL_ATTRIBUTION = ("Contains information from OpenStreetMap, © OpenStreetMap contributors, available under the "
@@ -30,16 +30,6 @@ EMBEDDING_DEFINITIONS = {
              "image_encoder.forward_features(x)[:, 1:].mean(1)",
 }
 PART_PREFIX = "part-"
-
-
-def _pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError("pyarrow is needed to write GeoParquet; install it with `pip install "
-                                     "geolink[embed]`") from err
-    return pyarrow
 
 
 def embedding_columns(modes: Sequence[str], fused_dim: int, image_dim: int) -> dict[str, tuple[str, int]]:
@@ -53,7 +43,7 @@ def embedding_columns(modes: Sequence[str], fused_dim: int, image_dim: int) -> d
 
 def table_schema(columns: Mapping[str, tuple[str, int]]) -> Any:
     """The arrow schema of the rows (and of every part)."""
-    pa = _pyarrow()
+    pa = require_module("pyarrow", "embed", "GeoParquet")
     bbox = pa.struct([(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
     fields = [("image", pa.string()), ("row", pa.int64()), ("col", pa.int64()), ("geometry", pa.binary()),
               ("bbox", bbox), ("mode", pa.string()), ("num_nodes", pa.int64()), ("osm_coverage", pa.float64()),
@@ -67,7 +57,7 @@ def rows_table(metas: Sequence[Mapping[str, Any]], geometries: Sequence[Any], em
     """The arrow table of finished windows: their metadata, footprints (shapely, in the file CRS) and embeddings."""
     import shapely
 
-    pa = _pyarrow()
+    pa = require_module("pyarrow", "embed", "GeoParquet")
     schema = table_schema(columns)
     bounds = shapely.bounds(np.asarray(geometries, dtype=object)).reshape(-1, 4)
     data: dict[str, Any] = {name: [m[name] for m in metas] for name in ("image", "row", "col", "mode", "num_nodes",
@@ -88,8 +78,7 @@ def rows_table(metas: Sequence[Mapping[str, Any]], geometries: Sequence[Any], em
 def write_atomic(table: Any, path: Path, metadata: Mapping[bytes, bytes] | None = None) -> Path:
     """Write ``table`` as Parquet to ``path`` atomically: a temporary name in the same folder, then ``os.replace``
     (a killed run leaves the old file or the new one, never half a file)."""
-    _pyarrow()
-    import pyarrow.parquet as pq
+    pq = require_module("pyarrow.parquet", "embed", "GeoParquet")
 
     if metadata is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
@@ -109,8 +98,8 @@ def part_paths(folder: Path) -> list[Path]:
 
 def read_parts(folder: Path, columns: Mapping[str, tuple[str, int]]) -> Any:
     """All committed parts as one table (the empty table when there is none)."""
-    pa = _pyarrow()
-    import pyarrow.parquet as pq
+    pa = require_module("pyarrow", "embed", "GeoParquet")
+    pq = require_module("pyarrow.parquet", "embed", "GeoParquet")
 
     schema = table_schema(columns)
     tables = [pq.read_table(path, schema=schema) for path in part_paths(folder)]
@@ -142,7 +131,6 @@ def write_geoparquet(table: Any, path: Path, crs: str, info: Mapping[str, Any]) 
 
 def read_info(path: Path) -> dict[str, Any]:
     """The ``geolink`` metadata of a file :func:`write_geoparquet` wrote."""
-    _pyarrow()
-    import pyarrow.parquet as pq
+    pq = require_module("pyarrow.parquet", "embed", "GeoParquet")
 
     return json.loads(pq.read_schema(path).metadata[b"geolink"])

@@ -20,23 +20,14 @@ import numpy as np
 import shapely
 import torch
 
-from geolink.errors import DataError, InputError, MissingDependencyError, MissingInputError
+from geolink.errors import DataError, InputError, MissingInputError
 from geolink.graph.readers import BBox, is_geographic
-from geolink.runtime import normalise
+from geolink.runtime import normalise, require_module
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 """File endings taken from a folder of images."""
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 """Pixel types geolink embeds; uint8 is scaled by 1/255, the others by ``scale`` (floats default to 1)."""
-
-
-def _rasterio() -> Any:
-    try:
-        import rasterio
-    except ImportError as err:
-        raise MissingDependencyError("rasterio is needed to read rasters; install it with `pip install "
-                                     "geolink[embed]`") from err
-    return rasterio
 
 
 # ------------------------------------------------------------------------------------------------------ the grid
@@ -139,7 +130,7 @@ class RasterInfo:
     def open(self) -> Any:
         """The rasterio dataset to read from: the file, or a ``WarpedVRT`` onto the ``gsd`` grid (also carrying a
         ``crs`` override)."""
-        rasterio = _rasterio()
+        rasterio = require_module("rasterio", "embed", "reading rasters")
         try:
             source = rasterio.open(self.path)
         except rasterio.errors.RasterioIOError as err:
@@ -175,7 +166,7 @@ def inspect_raster(path: str | Path, in_chans: int, bands: Sequence[int] | None 
         InputError: no CRS and no ``crs``, the wrong number of bands, a band index out of range, an unsupported
             pixel type, or ``gsd`` on a raster in degrees.
     """
-    rasterio = _rasterio()
+    rasterio = require_module("rasterio", "embed", "reading rasters")
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"image {path} not found (check the path)")

@@ -9,7 +9,6 @@ closed lines (:func:`is_area`), and key counting over a corpus (:class:`KeyCount
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,9 +19,10 @@ from typing import Any
 import numpy as np
 import shapely
 
-from geolink.errors import ConfigError, DataError, InputError, MissingDependencyError, MissingInputError
+from geolink.errors import ConfigError, DataError, InputError, MissingInputError
 from geolink.graph.storage import MAX_GEOJSON_BYTES, MAX_INPUT_BYTES, check_file
 from geolink.graph.tags import TagFilter, Tags, load_key_frequency, normalize_key, parse_label, tag_key
+from geolink.runtime import require_module
 
 Feature = tuple[shapely.Geometry, Any]
 BBox = tuple[float, float, float, float]
@@ -34,15 +34,6 @@ GEOJSON_SUFFIXES = (".geojson", ".json")
 """File name endings read as GeoJSON."""
 _GEOPANDAS_SUFFIXES = (".gpkg", ".shp", ".fgb", ".parquet", ".gml", ".kml", ".gdb", ".zip")
 _GEOGRAPHIC_CRS = frozenset({"EPSG:4326", "OGC:CRS84", "CRS84", "WGS84", "EPSG:4258"})
-
-
-def _need(module: str, extra: str) -> Any:
-    """Import an optional dependency, or raise ``ImportError`` naming the geolink extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise MissingDependencyError(f"{module} is needed for this; install it with `pip install geolink[{extra}]`"
-                                     ) from err
 
 
 def require_file(path: str | Path, what: str, max_bytes: int = MAX_INPUT_BYTES) -> Path:
@@ -76,7 +67,7 @@ def reproject(geoms: np.ndarray | Iterable[shapely.Geometry], src_crs: str, dst_
     Raises:
         InputError: pyproj does not know one of the CRSs.
     """
-    pyproj = _need("pyproj", "osm")
+    pyproj = require_module("pyproj", "osm")
     geoms = np.asarray(list(geoms) if not isinstance(geoms, np.ndarray) else geoms, dtype=object)
     try:
         transformer = pyproj.Transformer.from_crs(src_crs, dst_crs, always_xy=True)
@@ -223,7 +214,7 @@ def read_osm(path: str | Path, bbox: Iterable[float] | None = None, tag_filter: 
     Raises:
         MissingInputError: the file does not exist.
     """
-    osmium = _need("osmium", "osm")
+    osmium = require_module("osmium", "osm")
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise MissingInputError(f"OSM file {path} not found (pass an existing .osm.pbf or .osm file)")
@@ -312,7 +303,7 @@ def read_features(source: Any, label_column: str = "label", layer: str | None = 
         if name.endswith(GEOJSON_SUFFIXES):
             return read_geojson(path, label_column)
         if name.endswith(_GEOPANDAS_SUFFIXES):
-            gpd = _need("geopandas", "geo")
+            gpd = require_module("geopandas", "geo")
             frame = gpd.read_parquet(path) if name.endswith(".parquet") else gpd.read_file(path, layer=layer)
             return frame_features(frame, label_column)
         raise InputError(f"unknown vector file type {path.suffix!r} ({path}); use GeoJSON, .osm.pbf, or a format "
@@ -372,7 +363,7 @@ def count_keys(inputs: Iterable[str | Path], progress: bool = False) -> KeyCount
             raise MissingInputError(f"input {path} not found (pass existing .osm.pbf, .osm or GeoJSON files)")
         name = path.name.lower()
         if name.endswith(OSM_SUFFIXES):
-            osmium = _need("osmium", "osm")
+            osmium = require_module("osmium", "osm")
             from tqdm.auto import tqdm
 
             for obj in tqdm(osmium.FileProcessor(str(path)), desc=f"counting {path.name}", unit=" objects",
