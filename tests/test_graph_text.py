@@ -80,6 +80,58 @@ def test_embedding_does_not_depend_on_its_batch(minilm_path, shared):
         assert torch.equal(single.encode([everything[k]])[0], reference[k])
 
 
+@pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16 matrix products (avx512_bf16 / AMX)")
+def test_bfloat16_embedding_does_not_depend_on_its_batch(minilm_path):
+    many = [f"name:{word} {k}" for k, word in enumerate(["cafe", "Esplanadi", "bank", "x", "Kauppatori"] * 8)] + STRINGS
+    reference = TagEncoder(minilm_path, dtype=torch.bfloat16).encode(many)
+    for options in ({"batch_size": 1}, {"batch_size": 3, "max_tokens": 40}):
+        picked = many[::3] + many[1::7]
+        got = TagEncoder(minilm_path, dtype=torch.bfloat16, **options).encode(picked)
+        assert torch.equal(got, reference[[many.index(s) for s in picked]]), options
+    exact = TagEncoder(minilm_path).encode(many)
+    assert torch.nn.functional.cosine_similarity(reference, exact).min() > 0.9995
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_op_rows_are_independent_and_match_plain_torch(dtype, monkeypatch):
+    import geolink.graph.text as text
+
+    if dtype == torch.bfloat16 and not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 matrix products")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(384, 1536).to(dtype)
+    x = torch.randn(300, 384).to(dtype)
+    for activation in (None, "gelu", torch.tanh):
+        fast = text.linear_op(layer, rows=1024, activation=activation)
+        after = {None: lambda y: y, "gelu": torch.nn.functional.gelu}.get(activation, activation)
+        expected = after(torch.nn.functional.linear(x, layer.weight, layer.bias))
+        tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+        torch.testing.assert_close(fast(x), expected, **tolerance)
+        whole = fast(x)
+        one_row = not callable(activation) and text._onednn_packs(layer.weight)  # oneDNN: even a single row
+        for rows in (slice(0, 64), slice(0, 65), slice(100, 200), *((slice(0, 1), slice(7, 8)) if one_row else ())):
+            assert torch.equal(fast(x[rows]), whole[rows]), (activation, rows)
+    monkeypatch.setattr(text, "_onednn_packs", lambda weight: False)  # another CPU, a GPU: plain torch
+    plain = text.linear_op(layer, rows=1024, activation="gelu")
+    assert torch.equal(plain(x), torch.nn.functional.gelu(torch.nn.functional.linear(x, layer.weight, layer.bias)))
+
+
+def test_bert_with_relative_positions_runs_unpacked(tmp_path, minilm_path):
+    """The packed path knows absolute positions only: another BERT variant runs as the model itself would."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, position_embedding_type="relative_key")
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
+    encoder = TagEncoder(tmp_path)
+    assert not encoder._packed
+    got = encoder.encode(STRINGS)
+    for k, text in enumerate(STRINGS):
+        torch.testing.assert_close(got[k], unpadded(encoder, text), atol=1e-5, rtol=1e-4)
+
+
 def test_bad_arguments(minilm_path, tmp_path):
     with pytest.raises(InputError, match="pooling"):
         TagEncoder(minilm_path, pooling="max")
