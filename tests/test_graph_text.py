@@ -132,6 +132,29 @@ def test_bert_with_relative_positions_runs_unpacked(tmp_path, minilm_path):
         torch.testing.assert_close(got[k], unpadded(encoder, text), atol=1e-5, rtol=1e-4)
 
 
+def test_a_pass_split_across_cores_gives_the_embeddings_of_one_thread(minilm_path):
+    """On several torch threads a pass runs as shares, one per core on one thread each (``_run_pass``): the same bits
+    as the whole pass on one thread."""
+    from geolink.graph.text import MIN_SHARE_TOKENS
+
+    many = [f"name:{word} {k}" for k, word in enumerate(["cafe", "Esplanadi", "bank", "x", "Kauppatori"] * 20)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = TagEncoder(minilm_path).encode(many)
+        torch.set_num_threads(2)
+        encoder = TagEncoder(minilm_path)
+        calls = []
+        original = encoder._forward
+        encoder._forward = lambda ids: calls.append(sum(map(len, ids))) or original(ids)
+        split = encoder.encode(many)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 2 and min(calls) >= MIN_SHARE_TOKENS and encoder.forward_calls == 1
+    assert torch.equal(split, whole)
+
+
 def test_bad_arguments(minilm_path, tmp_path):
     with pytest.raises(InputError, match="pooling"):
         TagEncoder(minilm_path, pooling="max")

@@ -1,4 +1,5 @@
-"""geolink.runtime: one meaning for precision, devices, seeds, normalisation, schedule and parameter groups."""
+"""geolink.runtime: one meaning for precision, devices, seeds, normalisation, schedule, parameter groups and the
+use of CPU cores."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from geolink.runtime import (
     rank_seed,
     resolve_device,
     resolve_precision,
+    run_single_threaded,
     sample_seed,
     warmup_cosine,
 )
@@ -110,3 +112,25 @@ def test_param_groups_exempt_1d_tensors_and_declared_names_and_scale_submodules(
     scaled_exempt = by_params[(id(model[0].token), id(model[0].proj.bias))]
     assert scaled_exempt["weight_decay"] == 0.0 and scaled_exempt["lr"] == pytest.approx(1e-4)
     assert len(groups) == 3 and [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4), pytest.approx(1e-4)]
+
+
+def test_run_single_threaded_runs_each_call_on_one_thread_and_restores_the_thread_count():
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = run_single_threaded([lambda k=k: (k, torch.get_num_threads(), threading.get_ident()) for k in range(3)])
+        assert [k for k, _, _ in seen] == [0, 1, 2] and {threads for _, threads, _ in seen} == {1}
+        assert seen[0][2] == threading.get_ident() and threading.get_ident() not in {seen[1][2], seen[2][2]}
+        assert torch.get_num_threads() == 2
+
+        def fails() -> None:
+            raise ValueError("share 2")
+
+        with pytest.raises(ValueError, match="share 2"):
+            run_single_threaded([lambda: 1, fails])
+        assert torch.get_num_threads() == 2
+        assert run_single_threaded([lambda: 7]) == [7]
+    finally:
+        torch.set_num_threads(before)

@@ -31,11 +31,12 @@ from geolink.graph.tags import (
     Tags,
     TagVocabulary,
     load_key_frequency,
-    tag_weights,
+    node_weights,
     tags_to_strings,
 )
 
 _TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
+_KNOWN_KEYS = TagFilter()  # what tag_filter="auto" keeps of OSM tag dicts: the keys of the frequency table
 _ANGLES = np.radians(360 / 3 * np.arange(3))
 _RADII_STEPS = 10
 
@@ -178,8 +179,10 @@ def _flatten_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         multi = shapely.get_type_id(geoms) >= 4
         if not multi.any():
             return geoms, index
-        parts, part_of = shapely.get_parts(geoms, return_index=True)
-        geoms, index = parts, index[part_of]
+        parts, part_of = shapely.get_parts(geoms[multi], return_index=True)  # single parts stay as they are
+        source = np.concatenate([np.flatnonzero(~multi), np.flatnonzero(multi)[part_of]])
+        order = np.argsort(source, kind="stable")  # each feature's parts where the feature was
+        geoms, index = np.concatenate([geoms[~multi], parts])[order], index[source[order]]
 
 
 def polygon_anchors(polygons: np.ndarray) -> np.ndarray:
@@ -276,10 +279,8 @@ class OSMGraphBuilder:
     # ------------------------------------------------------------------ geometry + tags (no text model)
     def tag_strings(self, tags: Tags | None) -> list[str]:
         """The tag strings a feature with ``tags`` gets (this builder's key filter and frequency table)."""
-        if isinstance(tags, Mapping):  # OSM keys and values are strings; other keys (e.g. ints) are taken as text
-            tags = {str(k): v for k, v in tags.items()}
         if self.tag_filter == "auto":
-            tag_filter = KEEP_ALL if isinstance(tags, str) else TagFilter()
+            tag_filter = KEEP_ALL if isinstance(tags, str) else _KNOWN_KEYS
         else:
             tag_filter = self.tag_filter
         return tags_to_strings(tags, self.frequency, tag_filter)
@@ -373,15 +374,9 @@ class OSMGraphBuilder:
         raw_pos = {"polygon": polygon_anchors(by_type["polygon"]), "line": line_anchors(by_type["line"]),
                    "point": point_xy.reshape(-1, 1, 2)}
         pos = {t: normalize_positions(raw_pos[t], bbox) for t in NODE_TYPES}
-        tags, weights = {}, {}
-        for t in NODE_TYPES:
-            tags[t] = [strings[k] for k in owners[t]]
-            weights[t] = []
-            for node in tags[t]:
-                raw = tag_weights(node, self.frequency)
-                total = raw.sum()
-                weights[t].append(raw / total if total != 0 else np.full(len(node), 1.0 / len(node)))
-            report.nodes[t] = len(tags[t])
+        tags = {t: [strings[k] for k in owners[t]] for t in NODE_TYPES}
+        weights = {t: node_weights(tags[t], self.frequency) for t in NODE_TYPES}
+        report.nodes.update({t: len(tags[t]) for t in NODE_TYPES})
         edges = all_relations(by_type["polygon"], by_type["line"], by_type["point"], point_xy,
                               self.delaunay_min_points)
         return PreparedTile(bbox=bbox, crs=str(crs), pos=pos, tags=tags, weights=weights, edges=edges, report=report,

@@ -36,8 +36,11 @@ def normalize_key(key: str) -> str:
 def tag_string(key: str, value: str) -> str:
     """One OSM tag → its tag string: ``roof:shape=gabled`` → ``roof shape:gabled``, ``building=yes`` →
     ``building:building`` (the value ``yes`` is replaced by the key)."""
-    key = normalize_key(key)
-    value = str(value).strip()
+    return _joined(normalize_key(key), str(value).strip())
+
+
+def _joined(key: str, value: str) -> str:
+    """The tag string of a normalised key and a stripped value (:func:`tag_string`)."""
     return f"{key}:{key if value == 'yes' else value}"
 
 
@@ -97,13 +100,17 @@ def tags_to_strings(tags: Tags | None, frequency: Mapping[str, float] | None = N
         return []
     if isinstance(tags, str):
         strings = parse_label(tags)
-    elif isinstance(tags, Mapping):
-        strings = [tag_string(k, v) for k, v in tags.items() if v is not None and str(v).strip() != ""]
-    else:
+        return strings if tag_filter is None else [s for s in strings if tag_filter.keeps(tag_key(s), frequency)]
+    if not isinstance(tags, Mapping):
         raise TypeError(f"tags must be a dict of OSM tags or a 'k:v;k:v' label string, got {type(tags).__name__}")
-    if tag_filter is None:
-        return strings
-    return [s for s in strings if tag_filter.keeps(tag_key(s), frequency)]
+    strings = []
+    for key, value in tags.items():  # the filter sees the key before the string is made (this runs per feature)
+        value = "" if value is None else str(value).strip()
+        if value:
+            key = normalize_key(str(key))  # OSM keys are strings; other keys (e.g. ints) are taken as text
+            if tag_filter is None or tag_filter.keeps(key, frequency):
+                strings.append(_joined(key, value))
+    return strings
 
 
 def load_key_frequency(source: str | Path | Mapping[str, float] | None = "official") -> dict[str, float] | None:
@@ -141,6 +148,21 @@ def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None) -
     if frequency is None:
         return np.zeros(len(strings))
     return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
+
+
+def node_weights(nodes: Sequence[Sequence[str]], frequency: Mapping[str, float] | None) -> list[np.ndarray]:
+    """Each node's tag-averaging weights (float64, summing to 1): its :func:`tag_weights` over their sum, or uniform
+    when they sum to 0 (no table, or only keys of frequency 1). Every node has at least one tag."""
+    counts = np.fromiter(map(len, nodes), dtype=np.int64, count=len(nodes))
+    if not len(counts):
+        return []
+    raw = tag_weights([s for node in nodes for s in node], frequency)
+    starts = np.cumsum(counts) - counts
+    totals = np.repeat(np.add.reduceat(raw, starts), counts)
+    uniform = np.repeat(1.0 / counts, counts)
+    safe = np.where(totals != 0, totals, 1.0)
+    weights = np.where(totals != 0, raw / safe, uniform)
+    return np.split(weights, starts[1:])
 
 
 class TagVocabulary:

@@ -9,6 +9,7 @@ when a Hub model is neither cached nor reachable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from geolink.errors import DataError, InputError, MissingWeightsError
-from geolink.runtime import resolve_device
+from geolink.runtime import resolve_device, run_single_threaded
 
 POOLINGS = ("official", "mean", "cls")
 """``official``: last hidden state averaged over every real token but the first (the official GeoLink tag
@@ -234,6 +235,10 @@ MIN_ROWS = 64
 Matrix libraries pick other kernels (another summation order) for a handful of rows; from this many rows on, every
 row's result is the same whatever the other rows, so an embedding never depends on its batch companions."""
 
+MIN_SHARE_TOKENS = 128
+"""Fewest tokens of a pass's share on one CPU core (:meth:`TagEncoder._run_pass`): a pass of fewer than twice this
+many tokens runs whole, on torch's threads."""
+
 TABLE_FORMAT = "geolink-tag-table/1"
 """``format`` metadata of a tag-embedding table file (:func:`save_tag_table`; the on-disk cache is one too)."""
 
@@ -425,6 +430,7 @@ class TagEncoder:
         config = self.model.config
         self._packed = (config.model_type == "bert" and not getattr(config, "is_decoder", False)
                         and getattr(config, "position_embedding_type", "absolute") == "absolute")
+        self._ops = self._make_bert_ops() if self._packed else []  # made once: passes run on several threads
         self.backend = backend
         self._session = self._onnx_session() if backend == "onnxruntime" else None
         self._cache: dict[str, np.ndarray] = {}
@@ -518,27 +524,37 @@ class TagEncoder:
             else:
                 groups.append((length, 1))
         flat = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=self.device)
-        if self._session is not None:
-            outs, start = [], 0
-            for length, count in groups:
-                batch = flat[start:start + length * count].view(count, length).numpy()
-                outs.append(self._pool(torch.from_numpy(self._session.run(None, {"input_ids": batch})[0])))
-                start += length * count
-        elif self._packed:
-            hidden = self._packed_bert(flat, groups)
-            outs, start = [], 0
-            for length, count in groups:
-                outs.append(self._pool(hidden[start:start + length * count].view(count, length, -1)))
-                start += length * count
+        lengths = torch.tensor([len(row) for row in ids], device=self.device)
+        if self._packed:
+            hidden = self._packed_bert(flat, groups, lengths)
         else:
-            outs, start = [], 0
+            hidden, start = [], 0
             for length, count in groups:
                 batch = flat[start:start + length * count].view(count, length)
-                outs.append(self._pool(self.model(input_ids=batch).last_hidden_state))
+                if self._session is not None:
+                    out = torch.from_numpy(self._session.run(None, {"input_ids": batch.numpy()})[0])
+                else:
+                    out = self.model(input_ids=batch).last_hidden_state
+                hidden.append(out.reshape(length * count, -1))
                 start += length * count
+            hidden = torch.cat(hidden)
+        return self._pool(hidden, lengths)[:n].cpu().numpy()
+
+    def _run_pass(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """:meth:`_forward` of one pass; on a CPU with several torch threads, split into shares of about equal token
+        counts (at least :data:`MIN_SHARE_TOKENS` each), one per core on one thread each
+        (:func:`~geolink.runtime.run_single_threaded`)."""
         self.forward_calls += 1
-        self.strings_encoded += n
-        return torch.cat(outs)[:n].float().cpu().numpy()
+        self.strings_encoded += len(token_ids)
+        total = sum(map(len, token_ids))
+        shares = min(torch.get_num_threads(), total // MIN_SHARE_TOKENS, len(token_ids))
+        if self.device.type != "cpu" or self._session is not None or shares < 2:
+            return self._forward(token_ids)
+        ends = np.searchsorted(np.cumsum([len(row) for row in token_ids]), total * np.arange(1, shares) / shares)
+        bounds = [0, *sorted(set(int(end) + 1 for end in ends) - {len(token_ids)}), len(token_ids)]
+        calls = [functools.partial(self._forward, token_ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:],
+                                                                                   strict=True)]
+        return np.concatenate(run_single_threaded(calls))
 
     def _onnx_session(self) -> object:
         """An ONNX Runtime session of the text model (``input_ids [n, L]`` → last hidden state ``[n, L, D]``),
@@ -584,16 +600,25 @@ class TagEncoder:
         options.inter_op_num_threads = 1
         return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
-    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n, L, D]`` last hidden states of ``n`` unpadded strings of ``L`` tokens → ``[n, D]`` (the pooling)."""
+    def _pool(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``[T, D]`` last hidden states of strings packed back to back (string ``i`` has ``lengths[i]`` tokens) →
+        ``[n, D]`` float32 (the pooling); each string's tokens are summed in order, whatever the other strings."""
+        starts = lengths.cumsum(0) - lengths
         if self.pooling == "cls":
-            return hidden[:, 0]
-        if self.pooling == "official":
-            hidden = hidden[:, 1:]
-        return hidden.float().sum(1) / max(hidden.shape[1], 1)
+            return hidden[starts].float()
+        string_of = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        counts = lengths
+        if self.pooling == "official":  # every token but the first
+            keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            keep[starts] = False
+            hidden, string_of, counts = hidden[keep], string_of[keep], lengths - 1
+        sums = torch.zeros(len(lengths), hidden.shape[1], device=hidden.device)
+        return sums.index_add_(0, string_of, hidden.float()) / counts.clamp(min=1)[:, None]
 
-    def _packed_bert(self, flat: torch.Tensor, groups: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Last hidden states ``[T, D]`` of a BERT model on ``T`` packed tokens (strings back to back, no padding).
+    def _packed_bert(self, flat: torch.Tensor, groups: Sequence[tuple[int, int]], lengths: torch.Tensor
+                     ) -> torch.Tensor:
+        """Last hidden states ``[T, D]`` of a BERT model on ``T`` packed tokens (strings of ``lengths`` tokens back to
+        back, no padding; ``groups``: the (token count, strings) of each run of equal lengths).
 
         Every linear layer multiplies all ``T`` tokens at once (:func:`linear_op`: pre-packed weights, the MLP's GELU
         fused); attention runs per group of equal-length strings (``[count, heads, L, head dim]``), so no token
@@ -601,14 +626,15 @@ class TagEncoder:
         where float32 is the faster and the more exact.
         """
         model = self.model
-        position = torch.cat([torch.arange(length, device=self.device).repeat(count) for length, count in groups])
+        position = torch.arange(len(flat), device=self.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
+                                                                                      lengths)
         hidden = model.embeddings(input_ids=flat[None], position_ids=position[None],
                                   token_type_ids=torch.zeros_like(flat)[None])[0]
         heads = model.config.num_attention_heads
         width = hidden.shape[-1]
-        for layer, (qkv_op, out_op, up_op, down_op) in zip(model.encoder.layer, self._bert_ops(), strict=True):
+        for layer, (qkv_op, out_op, up_op, down_op) in zip(model.encoder.layer, self._ops, strict=True):
             qkv = qkv_op(hidden).float()  # [T, 3 * D]: Q, K, V in one product
-            context, start = torch.empty(qkv.shape[0], width, device=self.device), 0
+            context, start = torch.empty_like(hidden), 0
             for length, count in groups:
                 rows = slice(start, start + length * count)
                 q, k, v = (qkv[rows, j * width:(j + 1) * width].view(count, length, heads, -1).transpose(1, 2)
@@ -616,31 +642,27 @@ class TagEncoder:
                 out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [count, heads, L, head dim]
                 context[rows].view(count, length, heads, -1).copy_(out.transpose(1, 2))
                 start += length * count
-            hidden = layer.attention.output.LayerNorm(out_op(context.to(hidden.dtype)) + hidden)
+            hidden = layer.attention.output.LayerNorm(out_op(context) + hidden)
             hidden = layer.output.LayerNorm(down_op(up_op(hidden)) + hidden)
         return hidden
 
-    def _bert_ops(self) -> list[tuple[LinearOp, LinearOp, LinearOp, LinearOp]]:
+    def _make_bert_ops(self) -> list[tuple[LinearOp, LinearOp, LinearOp, LinearOp]]:
         """Per BERT layer, its four products as :func:`linear_op`: Q, K and V stacked into one ``[3 D, D]`` product
         (each output column the same dot product as in the separate projection), the attention output, the MLP's
-        up-projection with its activation, and its down-projection (made once)."""
-        if getattr(self, "_ops", None) is None:
-            self._ops = []
-            act = self.model.config.hidden_act
-            for layer in self.model.encoder.layer:
-                parts = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
-                qkv = torch.nn.Linear(parts[0].in_features, 3 * parts[0].out_features, device=self.device,
-                                      dtype=self.dtype)
-                with torch.no_grad():
-                    qkv.weight.copy_(torch.cat([p.weight for p in parts]))
-                    qkv.bias.copy_(torch.cat([p.bias for p in parts]))
-                up = layer.intermediate
-                self._ops.append((linear_op(qkv, self.max_tokens), linear_op(layer.attention.output.dense,
-                                                                             self.max_tokens),
-                                  linear_op(up.dense, self.max_tokens,
-                                            "gelu" if act == "gelu" else up.intermediate_act_fn),
-                                  linear_op(layer.output.dense, self.max_tokens)))
-        return self._ops
+        up-projection with its activation, and its down-projection."""
+        ops, act = [], self.model.config.hidden_act
+        for layer in self.model.encoder.layer:
+            parts = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
+            qkv = torch.nn.Linear(parts[0].in_features, 3 * parts[0].out_features, device=self.device,
+                                  dtype=self.dtype)
+            with torch.no_grad():
+                qkv.weight.copy_(torch.cat([p.weight for p in parts]))
+                qkv.bias.copy_(torch.cat([p.bias for p in parts]))
+            up = layer.intermediate
+            ops.append((linear_op(qkv, self.max_tokens), linear_op(layer.attention.output.dense, self.max_tokens),
+                        linear_op(up.dense, self.max_tokens, "gelu" if act == "gelu" else up.intermediate_act_fn),
+                        linear_op(layer.output.dense, self.max_tokens)))
+        return ops
 
     def _passes(self, token_ids: Sequence[Sequence[int]]) -> Iterator[range]:
         """Consecutive index ranges of ``token_ids`` (sorted by length) of at most ``batch_size`` strings and
@@ -667,12 +689,13 @@ class TagEncoder:
         if missing:
             from tqdm.auto import tqdm
 
-            token_ids = self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+            token_ids = self.tokenizer(missing, truncation=True, max_length=self.max_length,
+                                       return_attention_mask=False, return_token_type_ids=False)["input_ids"]
             order = sorted(range(len(missing)), key=lambda i: (len(token_ids[i]), missing[i]))
             missing, token_ids = [missing[i] for i in order], [token_ids[i] for i in order]
             passes = list(self._passes(token_ids))
             for rows in tqdm(passes, desc="embedding tags", unit="pass", disable=not progress or len(passes) < 2):
-                embedded = self._forward(token_ids[rows.start:rows.stop])
+                embedded = self._run_pass(token_ids[rows.start:rows.stop])
                 self._cache.update(zip(missing[rows.start:rows.stop], embedded, strict=True))
             self._dirty = True
         if not strings:
