@@ -10,6 +10,7 @@ from geolink.graph.tags import (
     TagFilter,
     TagVocabulary,
     load_key_frequency,
+    node_weights,
     parse_label,
     tag_string,
     tag_weights,
@@ -29,6 +30,17 @@ def test_tag_strings():
     assert tags_to_strings({"building": "yes", "roof:shape": "flat"}, freq, TagFilter(allow={"roof:shape"})) == [
         "roof shape:flat"]
     np.testing.assert_allclose(tag_weights(["building:building", "roof shape:flat", "zz:1"], freq), [2, 1, 0])
+    nodes = [["building:building", "roof shape:flat", "zz:1"], ["zz:2"], ["roof shape:gabled"]]
+    np.testing.assert_allclose(node_weights(nodes, freq), [2 / 3, 1 / 3, 0, 1, 1])  # log weights, else uniform
+    np.testing.assert_allclose(node_weights(nodes, None), [1 / 3, 1 / 3, 1 / 3, 1, 1])
+    assert node_weights([], freq).shape == (0,)
+    memo = {}
+    tags = {"building": "yes", "roof:shape": "flat", "name": "X", "levels": 3, "note": ["a"]}
+    first = tags_to_strings(tags, freq, TagFilter(known_only=False), memo)
+    assert first == tags_to_strings(tags, freq, TagFilter(known_only=False)) == [
+        "building:building", "roof shape:flat", "name:X", "levels:3", "note:['a']"]
+    assert memo[("building", "yes")] == "building:building" and ("note", ["a"]) not in list(memo)
+    assert tags_to_strings(tags, freq, TagFilter(known_only=False), memo) == first  # from the memo
     with pytest.raises(TypeError, match="label string"):
         tags_to_strings(42)
     vocab = TagVocabulary(["a:b"])

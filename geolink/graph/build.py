@@ -36,6 +36,7 @@ from geolink.graph.tags import (
 )
 
 _TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
+MEMO_PAIRS = 200_000  # most (key, value) pairs an OSMGraphBuilder remembers the tag string of
 _KNOWN_KEYS = TagFilter()  # what tag_filter="auto" keeps of OSM tag dicts: the keys of the frequency table
 _ANGLES = np.radians(360 / 3 * np.arange(3))
 _RADII_STEPS = 10
@@ -86,7 +87,8 @@ class PreparedTile:
         crs: the tile CRS.
         pos: per node type, float32 ``[N, A, 2]`` anchors in normalised image coordinates.
         tags: per node type, each node's tag strings.
-        weights: per node type, each node's averaging weights (sum to 1).
+        weights: per node type, the averaging weights of every node's tags, back to back in ``tags`` order (float64;
+            each node's sum to 1).
         edges: per edge type, ``(edge_index [2, E], relation [E])``.
         report: the :class:`BuildReport`.
         geoms: per node type, the node geometries (tile CRS), or None once dropped (:meth:`strip`).
@@ -96,7 +98,7 @@ class PreparedTile:
     crs: str
     pos: dict[str, np.ndarray]
     tags: dict[str, list[list[str]]]
-    weights: dict[str, list[np.ndarray]]
+    weights: dict[str, np.ndarray]
     edges: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]
     report: BuildReport
     geoms: dict[str, np.ndarray] | None = None
@@ -275,6 +277,8 @@ class OSMGraphBuilder:
         self.clip = clip
         self.strict = strict
         self.last_report: BuildReport | None = None
+        self._memo: dict[tuple[Any, Any], str] = {}  # (key, value) -> tag string, for this frequency and filter
+        self._memo_key: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
     def tag_strings(self, tags: Tags | None) -> list[str]:
@@ -283,7 +287,10 @@ class OSMGraphBuilder:
             tag_filter = KEEP_ALL if isinstance(tags, str) else _KNOWN_KEYS
         else:
             tag_filter = self.tag_filter
-        return tags_to_strings(tags, self.frequency, tag_filter)
+        memo_key = (id(self.frequency), id(tag_filter))
+        if self._memo_key != memo_key or len(self._memo) > MEMO_PAIRS:  # the table or filter changed, or too many
+            self._memo, self._memo_key = {}, memo_key
+        return tags_to_strings(tags, self.frequency, tag_filter, self._memo)
 
     def prepare(self, features: Iterable[tuple[Any, Tags | None]], bbox: Iterable[float], crs: str = "EPSG:4326",
                 feature_crs: str | None = None) -> PreparedTile:
@@ -420,7 +427,7 @@ class OSMGraphBuilder:
             n = len(nodes)
             counts = np.fromiter((len(node) for node in nodes), dtype=np.int64, count=n)
             flat = [s for node in nodes for s in node]
-            flat_w = np.concatenate(prepared.weights[t]) if n else np.zeros(0)
+            flat_w = prepared.weights[t]
             if materialize:
                 cols = np.fromiter((unique_index[s] for s in flat), dtype=np.int64, count=len(flat))
                 graph[t].x = mix_tags(table, cols, flat_w, counts)

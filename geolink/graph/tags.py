@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,13 +89,15 @@ KEEP_ALL = TagFilter(known_only=False)
 
 
 def tags_to_strings(tags: Tags | None, frequency: Mapping[str, float] | None = None,
-                    tag_filter: TagFilter | None = None) -> list[str]:
+                    tag_filter: TagFilter | None = None, memo: dict[tuple[Any, Any], str] | None = None) -> list[str]:
     """A feature's tags → its tag strings, in input order.
 
     Args:
         tags: an OSM tag dict or an official label string (``None``/empty → no tags).
         frequency: key-frequency table used by ``tag_filter.known_only``.
         tag_filter: which keys to keep; None keeps everything.
+        memo: a dict to remember the tag string (``""``: dropped) of each ``(key, value)`` pair of an OSM dict, for
+            repeated calls with the same ``frequency`` and ``tag_filter`` (tags repeat across features).
     """
     if not tags:
         return []
@@ -104,13 +107,27 @@ def tags_to_strings(tags: Tags | None, frequency: Mapping[str, float] | None = N
     if not isinstance(tags, Mapping):
         raise TypeError(f"tags must be a dict of OSM tags or a 'k:v;k:v' label string, got {type(tags).__name__}")
     strings = []
-    for key, value in tags.items():  # the filter sees the key before the string is made (this runs per feature)
-        value = "" if value is None else str(value).strip()
-        if value:
-            key = normalize_key(str(key))  # OSM keys are strings; other keys (e.g. ints) are taken as text
-            if tag_filter is None or tag_filter.keeps(key, frequency):
-                strings.append(_joined(key, value))
+    for pair in tags.items():
+        try:
+            string = memo[pair]  # type: ignore[index]
+        except (KeyError, TypeError):  # not seen yet, no memo, or an unhashable value
+            string = _kept_tag_string(*pair, frequency, tag_filter)
+            if memo is not None and isinstance(pair[1], str | int | float | None):
+                memo[pair] = string
+        if string:
+            strings.append(string)
     return strings
+
+
+def _kept_tag_string(key: Any, value: Any, frequency: Mapping[str, float] | None, tag_filter: TagFilter | None
+                     ) -> str:
+    """The tag string of one OSM tag, or ``""`` when its value is empty or ``tag_filter`` drops its key. OSM keys
+    are strings; other keys (e.g. ints) are taken as text."""
+    value = "" if value is None else str(value).strip()
+    if not value:
+        return ""
+    key = normalize_key(str(key))
+    return _joined(key, value) if tag_filter is None or tag_filter.keeps(key, frequency) else ""
 
 
 def load_key_frequency(source: str | Path | Mapping[str, float] | None = "official") -> dict[str, float] | None:
@@ -150,19 +167,16 @@ def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None) -
     return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
 
 
-def node_weights(nodes: Sequence[Sequence[str]], frequency: Mapping[str, float] | None) -> list[np.ndarray]:
-    """Each node's tag-averaging weights (float64, summing to 1): its :func:`tag_weights` over their sum, or uniform
-    when they sum to 0 (no table, or only keys of frequency 1). Every node has at least one tag."""
+def node_weights(nodes: Sequence[Sequence[str]], frequency: Mapping[str, float] | None) -> np.ndarray:
+    """The tag-averaging weights of every node's tags, back to back (float64 ``[sum of the nodes' tag counts]``):
+    each node's :func:`tag_weights` over their sum, or uniform when they sum to 0 (no table, or only keys of
+    frequency 1), so each node's weights sum to 1. Every node has at least one tag."""
     counts = np.fromiter(map(len, nodes), dtype=np.int64, count=len(nodes))
-    if not len(counts):
-        return []
     raw = tag_weights([s for node in nodes for s in node], frequency)
-    starts = np.cumsum(counts) - counts
-    totals = np.repeat(np.add.reduceat(raw, starts), counts)
-    uniform = np.repeat(1.0 / counts, counts)
-    safe = np.where(totals != 0, totals, 1.0)
-    weights = np.where(totals != 0, raw / safe, uniform)
-    return np.split(weights, starts[1:])
+    if not len(raw):
+        return raw
+    totals = np.repeat(np.add.reduceat(raw, np.cumsum(counts) - counts), counts)
+    return np.where(totals != 0, raw / np.where(totals != 0, totals, 1.0), np.repeat(1.0 / counts, counts))
 
 
 class TagVocabulary:
