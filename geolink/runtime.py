@@ -233,18 +233,19 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 
 # ------------------------------------------------------------------------------------------------------ CPU cores
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, the pool) shared by every call, grown on demand
+_POOL: ThreadPoolExecutor | None = None  # one worker per CPU core but the caller's, shared by every call
 _POOL_LOCK = threading.Lock()
 
 
 def run_single_threaded(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Run ``calls`` at the same time, each on its own thread with one torch intra-op thread; their results, in order.
+    """Run ``calls`` at the same time, each on its own thread with one torch intra-op thread; their results, in order
+    (more calls than CPU cores wait for a free worker).
 
     For CPU inference made of many small kernels (a text model on a few hundred tokens: few-token attention, layer
     norms, Python between ops), one op spread over several threads keeps the cores poorly busy; independent shares
-    of the work, one per core, keep them all busy (``benchmarks/bench_graph.py``: tag embedding about 15 % faster on
-    2 cores). The calling thread runs the first call. Matrix products, attention and layer norms compute each output
-    element on one thread, so a share gives what it gives in a plain call (tested for the text models).
+    of the work, one per core, keep them all busy (``benchmarks/profile_tag_text.py`` shows the parts of a text
+    model's time). The calling thread runs the first call. Matrix products, attention and layer norms compute each
+    output element on one thread, so a share gives what it gives in a plain call (tested for the text models).
 
     torch's thread count is process-wide: it is 1 until every call has returned, then restored, so other threads
     that start torch work meanwhile run single-threaded too.
@@ -253,9 +254,9 @@ def run_single_threaded(calls: Sequence[Callable[[], T]]) -> list[T]:
         return [call() for call in calls]
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL[0] < len(calls) - 1:
-            _POOL = (len(calls) - 1, ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="geolink-cpu"))
-        pool = _POOL[1]
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="geolink-cpu")
+        pool = _POOL
 
     def single_threaded(call: Callable[[], T]) -> T:
         torch.set_num_threads(1)  # this thread's intra-op threads

@@ -263,8 +263,9 @@ def linear_op(linear: torch.nn.Linear, rows: int, activation: str | LinearOp | N
     """``x -> activation(linear(x))`` at the CPU's matrix-product limit, for inference.
 
     On an x86 CPU (oneDNN) the weight is re-laid out once for oneDNN's linear kernel and exact (erf) GELU is fused
-    into the product: on 2 cores about 6 % (bfloat16) and 15 % (float32) faster than ``F.linear`` plus
-    ``F.gelu``, and each output row depends on its input row only, whatever the other rows (tested). Elsewhere
+    into the product, faster than ``F.linear`` plus ``F.gelu`` (``benchmarks/bench_graph.py`` measures the text
+    model against the start of issue 13), and each output row depends on its input row only, whatever the other
+    rows (tested). Elsewhere
     (GPUs, other CPUs, a torch without oneDNN, another activation) it is ``F.linear`` followed by the activation,
     whose rows are independent from :data:`MIN_ROWS` rows on.
 
