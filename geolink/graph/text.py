@@ -251,12 +251,15 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
     """Whether this torch multiplies ``weight`` (float32 or bfloat16, CPU) with oneDNN's pre-packed linear kernel."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    try:
-        if weight.dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return weight.dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):  # a torch built without these (private) oneDNN ops
-        return False
+    onednn = torch.ops.mkldnn
+    if not all(hasattr(onednn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")):
+        return False  # a torch built without these (private) oneDNN ops
+    if weight.dtype == torch.bfloat16:
+        try:
+            return bool(onednn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return weight.dtype == torch.float32
 
 
 def linear_op(linear: torch.nn.Linear, rows: int, activation: str | LinearOp | None = None) -> LinearOp:
