@@ -627,7 +627,9 @@ class TagEncoder:
         Every linear layer multiplies all ``T`` tokens at once (:func:`linear_op`: pre-packed weights, the MLP's GELU
         fused); attention runs per group of equal-length strings (``[count, heads, L, head dim]``), so no token
         attends outside its string. In bfloat16 the attention runs in float32: its matrices are a few tokens wide,
-        where float32 is the faster and the more exact.
+        where float32 is the faster and the more exact. Q, K, V and the attention output live in two buffers reused by
+        every layer, their per-group views made once per call, not per layer (the Python between the small attention
+        ops is a visible share of a pass).
         """
         model = self.model
         position = torch.arange(len(flat), device=self.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths,
@@ -636,16 +638,18 @@ class TagEncoder:
                                   token_type_ids=torch.zeros_like(flat)[None])[0]
         heads = model.config.num_attention_heads
         width = hidden.shape[-1]
+        qkv = torch.empty(len(flat), 3 * width, device=self.device)  # [T, 3 * D] float32: Q, K, V side by side
+        context = torch.empty_like(hidden)  # [T, D]: every head's attention output, token by token
+        attention, start = [], 0  # per group: its Q, K, V and output as [count, heads, L, head dim] views
+        for length, count in groups:
+            rows = slice(start, start + length * count)
+            attention.append([part[rows, j * width:(j + 1) * width].view(count, length, heads, -1).transpose(1, 2)
+                              for part, j in ((qkv, 0), (qkv, 1), (qkv, 2), (context, 0))])
+            start += length * count
         for layer, (qkv_op, out_op, up_op, down_op) in zip(model.encoder.layer, self._ops, strict=True):
-            qkv = qkv_op(hidden).float()  # [T, 3 * D]: Q, K, V in one product
-            context, start = torch.empty_like(hidden), 0
-            for length, count in groups:
-                rows = slice(start, start + length * count)
-                q, k, v = (qkv[rows, j * width:(j + 1) * width].view(count, length, heads, -1).transpose(1, 2)
-                           for j in range(3))
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [count, heads, L, head dim]
-                context[rows].view(count, length, heads, -1).copy_(out.transpose(1, 2))
-                start += length * count
+            qkv.copy_(qkv_op(hidden))  # Q, K, V in one product
+            for q, k, v, out in attention:
+                out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
             hidden = layer.attention.output.LayerNorm(out_op(context) + hidden)
             hidden = layer.output.LayerNorm(down_op(up_op(hidden)) + hidden)
         return hidden
