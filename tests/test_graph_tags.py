@@ -34,6 +34,10 @@ def test_tag_strings():
     np.testing.assert_allclose(node_weights(nodes, freq), [2 / 3, 1 / 3, 0, 1, 1])  # log weights, else uniform
     np.testing.assert_allclose(node_weights(nodes, None), [1 / 3, 1 / 3, 1 / 3, 1, 1])
     assert node_weights([], freq).shape == (0,)
+    weight_memo: dict[str, float] = {}
+    for _ in range(2):  # remembered weights are the computed ones
+        np.testing.assert_array_equal(node_weights(nodes, freq, weight_memo), node_weights(nodes, freq))
+    assert weight_memo["roof shape:flat"] == 1 and len(weight_memo) == 5
     memo = {}
     tags = {"building": "yes", "roof:shape": "flat", "name": "X", "levels": 3, "note": ["a"]}
     first = tags_to_strings(tags, freq, TagFilter(known_only=False), memo)

@@ -32,11 +32,13 @@ from geolink.graph.tags import (
     TagVocabulary,
     load_key_frequency,
     node_weights,
+    tag_key,
     tags_to_strings,
 )
 
 _TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
-MEMO_PAIRS = 200_000  # most (key, value) pairs an OSMGraphBuilder remembers the tag string of
+MEMO_PAIRS = 200_000  # most (key, value) pairs (and tag strings) an OSMGraphBuilder remembers the string
+# (the weight) of, checked when a tile starts
 _KNOWN_KEYS = TagFilter()  # what tag_filter="auto" keeps of OSM tag dicts: the keys of the frequency table
 _ANGLES = np.radians(360 / 3 * np.arange(3))
 _RADII_STEPS = 10
@@ -278,19 +280,28 @@ class OSMGraphBuilder:
         self.strict = strict
         self.last_report: BuildReport | None = None
         self._memo: dict[tuple[Any, Any], str] = {}  # (key, value) -> tag string, for this frequency and filter
+        self._weight_memo: dict[str, float] = {}  # tag string -> log-frequency weight, for this frequency
         self._memo_key: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ geometry + tags (no text model)
     def tag_strings(self, tags: Tags | None) -> list[str]:
         """The tag strings a feature with ``tags`` gets (this builder's key filter and frequency table)."""
+        self._check_memos()
+        return tags_to_strings(tags, self.frequency, self._filter_for(tags), self._memo)
+
+    def _filter_for(self, tags: Tags | None) -> TagFilter | None:
+        """The key filter for ``tags``: with ``tag_filter="auto"``, every key of an official label, the frequency
+        table's keys of an OSM dict."""
         if self.tag_filter == "auto":
-            tag_filter = KEEP_ALL if isinstance(tags, str) else _KNOWN_KEYS
-        else:
-            tag_filter = self.tag_filter
-        memo_key = (id(self.frequency), id(tag_filter))
-        if self._memo_key != memo_key or len(self._memo) > MEMO_PAIRS:  # the table or filter changed, or too many
-            self._memo, self._memo_key = {}, memo_key
-        return tags_to_strings(tags, self.frequency, tag_filter, self._memo)
+            return KEEP_ALL if isinstance(tags, str) else _KNOWN_KEYS
+        return self.tag_filter
+
+    def _check_memos(self) -> None:
+        """Forget the remembered tag strings and weights when the frequency table or the filter changed, or when
+        they hold more than :data:`MEMO_PAIRS` entries."""
+        memo_key = (id(self.frequency), id(self.tag_filter))
+        if self._memo_key != memo_key or max(len(self._memo), len(self._weight_memo)) > MEMO_PAIRS:
+            self._memo, self._weight_memo, self._memo_key = {}, {}, memo_key
 
     def prepare(self, features: Iterable[tuple[Any, Tags | None]], bbox: Iterable[float], crs: str = "EPSG:4326",
                 feature_crs: str | None = None) -> PreparedTile:
@@ -309,6 +320,7 @@ class OSMGraphBuilder:
         bbox = check_bbox(bbox, crs)
         report = BuildReport()
         geoms, strings = [], []
+        self._check_memos()
         for k, item in enumerate(features):
             try:
                 geom, tags = item
@@ -318,9 +330,10 @@ class OSMGraphBuilder:
                 raise TypeError(f"feature {k}: geometry must be a shapely geometry, got {type(geom).__name__}; "
                                 "convert GeoJSON dicts with shapely.geometry.shape")
             report.features += 1
-            kept = self.tag_strings(tags)
-            if self.frequency is not None:
-                report.unknown_keys += sum(s.split(":", 1)[0] not in self.frequency for s in kept)
+            tag_filter = self._filter_for(tags)
+            kept = tags_to_strings(tags, self.frequency, tag_filter, self._memo)
+            if self.frequency is not None and (tag_filter is None or not tag_filter.known_only):
+                report.unknown_keys += sum(tag_key(s) not in self.frequency for s in kept)
             if not kept:
                 report.dropped_no_tags += 1
                 continue
@@ -382,7 +395,7 @@ class OSMGraphBuilder:
                    "point": point_xy.reshape(-1, 1, 2)}
         pos = {t: normalize_positions(raw_pos[t], bbox) for t in NODE_TYPES}
         tags = {t: [strings[k] for k in owners[t]] for t in NODE_TYPES}
-        weights = {t: node_weights(tags[t], self.frequency) for t in NODE_TYPES}
+        weights = {t: node_weights(tags[t], self.frequency, self._weight_memo) for t in NODE_TYPES}
         report.nodes.update({t: len(tags[t]) for t in NODE_TYPES})
         edges = all_relations(by_type["polygon"], by_type["line"], by_type["point"], point_xy,
                               self.delaunay_min_points)

@@ -160,19 +160,32 @@ def load_key_frequency(source: str | Path | Mapping[str, float] | None = "offici
     return {str(k): float(v) for k, v in table.items()}
 
 
-def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None) -> np.ndarray:
-    """``log(frequency(key))`` of each tag string (float64); a missing key (or no table) has frequency 1."""
+def tag_weights(strings: Sequence[str], frequency: Mapping[str, float] | None,
+                memo: dict[str, float] | None = None) -> np.ndarray:
+    """``log(frequency(key))`` of each tag string (float64); a missing key (or no table) has frequency 1.
+
+    Args:
+        strings: tag strings.
+        frequency: the key-frequency table.
+        memo: a dict remembering each string's weight, for repeated calls with the same ``frequency``.
+    """
     if frequency is None:
         return np.zeros(len(strings))
-    return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
+    if memo is None:
+        return np.array([math.log(frequency.get(tag_key(s), 1.0)) for s in strings], dtype=np.float64)
+    for string in {s for s in strings if s not in memo}:
+        memo[string] = math.log(frequency.get(tag_key(string), 1.0))
+    return np.fromiter(map(memo.__getitem__, strings), dtype=np.float64, count=len(strings))
 
 
-def node_weights(nodes: Sequence[Sequence[str]], frequency: Mapping[str, float] | None) -> np.ndarray:
+def node_weights(nodes: Sequence[Sequence[str]], frequency: Mapping[str, float] | None,
+                 memo: dict[str, float] | None = None) -> np.ndarray:
     """The tag-averaging weights of every node's tags, back to back (float64 ``[sum of the nodes' tag counts]``):
     each node's :func:`tag_weights` over their sum, or uniform when they sum to 0 (no table, or only keys of
-    frequency 1), so each node's weights sum to 1. Every node has at least one tag."""
+    frequency 1), so each node's weights sum to 1. Every node has at least one tag. ``memo``: as in
+    :func:`tag_weights`."""
     counts = np.fromiter(map(len, nodes), dtype=np.int64, count=len(nodes))
-    raw = tag_weights([s for node in nodes for s in node], frequency)
+    raw = tag_weights([s for node in nodes for s in node], frequency, memo)
     if not len(raw):
         return raw
     totals = np.repeat(np.add.reduceat(raw, np.cumsum(counts) - counts), counts)
