@@ -233,7 +233,9 @@ def _check_loaded_weights(model: torch.nn.Module, info: dict, label: str) -> Non
 MIN_ROWS = 64
 """Fewest token rows one forward pass multiplies: smaller passes are topped up with repeats of one of their strings.
 Matrix libraries pick other kernels (another summation order) for a handful of rows; from this many rows on, every
-row's result is the same whatever the other rows, so an embedding never depends on its batch companions."""
+row's result is the same whatever the other rows, so an embedding never depends on its batch companions. oneDNN's
+pre-packed products (:func:`linear_op`) give a row the same result from one row on, so passes made only of them are
+not topped up."""
 
 MIN_SHARE_TOKENS = 128
 """Fewest tokens of a pass's share on one CPU core (:meth:`TagEncoder._run_pass`): a pass of fewer than twice this
@@ -435,6 +437,10 @@ class TagEncoder:
         self._packed = (config.model_type == "bert" and not getattr(config, "is_decoder", False)
                         and getattr(config, "position_embedding_type", "absolute") == "absolute")
         self._ops = self._make_bert_ops() if self._packed else []  # made once: passes run on several threads
+        # oneDNN's products give each row what it gives alone (tested): passes of any size need no topping up
+        onednn = (self._packed and config.hidden_act == "gelu"
+                  and _onednn_packs(self.model.encoder.layer[0].output.dense.weight))
+        self._min_rows = 1 if onednn else MIN_ROWS
         self.backend = backend
         self._session = self._onnx_session() if backend == "onnxruntime" else None
         self._cache: dict[str, np.ndarray] = {}
@@ -514,13 +520,14 @@ class TagEncoder:
     def _forward(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled embeddings ``[n, D]`` (float32) of tokenised strings sorted by token count, in one pass.
 
-        A pass of fewer than :data:`MIN_ROWS` tokens is topped up with repeats of its first string (results dropped).
+        A pass of fewer than :data:`MIN_ROWS` tokens is topped up with repeats of its first string (results dropped),
+        unless every product is oneDNN's.
         """
         n = len(token_ids)
         ids = list(token_ids)
         total = sum(map(len, ids))
-        if total < MIN_ROWS:
-            ids += [ids[0]] * -(-(MIN_ROWS - total) // len(ids[0]))
+        if total < self._min_rows:
+            ids += [ids[0]] * -(-(self._min_rows - total) // len(ids[0]))
         groups: list[tuple[int, int]] = []  # (token count L, strings) of each run of equal token counts
         for length in map(len, ids):
             if groups and groups[-1][0] == length:
