@@ -210,6 +210,22 @@ def test_clip_text_model(tiny_clip):
     assert long.shape == (1, 32) and torch.isfinite(long).all()
 
 
+@pytest.mark.parametrize("max_length", [None, 6])
+def test_token_ids_are_the_tokenizers_own(minilm_path, tiny_clip, max_length):
+    """The encoder calls a fast tokenizer's Rust tokenizer directly: the same ids as the transformers call, special
+    tokens and truncation included, and the encoder's tokenizer keeps its own settings."""
+    texts = [*STRINGS, "name:Café Ekberg — Bulevardi 9", "name:" + "Helsinki " * 600, "x"]
+    for folder in (minilm_path, tiny_clip):
+        encoder = TagEncoder(folder, max_length=max_length)
+        assert encoder._rust_tokenizer is not None  # both are fast tokenizers: the direct path is the one tested
+        expected = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+        assert encoder._token_ids(texts) == expected
+        assert max(map(len, expected)) == encoder.max_length
+        encoder._rust_tokenizer = None  # a Python tokenizer: the transformers call itself
+        assert encoder._token_ids(texts) == expected
+        assert len(encoder.tokenizer(texts[-2])["input_ids"]) > encoder.max_length  # its settings are untouched
+
+
 @pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16 matrix products (avx512_bf16 / AMX)")
 def test_bfloat16_option(tiny_clip):
     exact = TagEncoder(tiny_clip).encode(STRINGS)

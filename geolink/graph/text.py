@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -430,6 +431,7 @@ class TagEncoder:
         limit = getattr(self.model.config, "max_position_embeddings", None) or 512
         self.max_length = int(max_length or limit)
         self.dim = int(self.model.config.hidden_size)
+        self._rust_tokenizer = self._own_rust_tokenizer()
         local = Path(self.name).is_dir()
         self.model_id = Path(self.name).resolve().name if local else self.name
         self.revision = _local_revision(Path(self.name)) if local else (revision or "main")
@@ -516,6 +518,26 @@ class TagEncoder:
         return save_tag_table(path, strings, table, **self._identity(), dim=self.dim)
 
     # ------------------------------------------------------------------ the text model
+    def _own_rust_tokenizer(self) -> Any:
+        """A copy of a fast tokenizer's Rust tokenizer set to this encoder's truncation and no padding (None for a
+        Python tokenizer): called directly it skips the per-call work of the ``transformers`` wrapper."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) \
+            else None
+        if backend is None:
+            return None
+        own = type(backend).from_str(backend.to_str())
+        own.no_padding()
+        own.enable_truncation(self.max_length)
+        return own
+
+    def _token_ids(self, strings: list[str]) -> list[list[int]]:
+        """Token ids of ``strings``, special tokens included, truncated to ``max_length`` tokens, unpadded."""
+        if self._rust_tokenizer is None:
+            return self.tokenizer(strings, truncation=True, max_length=self.max_length, return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"]
+        encode = getattr(self._rust_tokenizer, "encode_batch_fast", self._rust_tokenizer.encode_batch)
+        return [encoding.ids for encoding in encode(strings)]
+
     @torch.inference_mode()
     def _forward(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled embeddings ``[n, D]`` (float32) of tokenised strings sorted by token count, in one pass.
@@ -704,8 +726,7 @@ class TagEncoder:
         if missing:
             from tqdm.auto import tqdm
 
-            token_ids = self.tokenizer(missing, truncation=True, max_length=self.max_length,
-                                       return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            token_ids = self._token_ids(missing)
             order = sorted(range(len(missing)), key=lambda i: (len(token_ids[i]), missing[i]))
             missing, token_ids = [missing[i] for i in order], [token_ids[i] for i in order]
             passes = list(self._passes(token_ids))
