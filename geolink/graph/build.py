@@ -321,6 +321,7 @@ class OSMGraphBuilder:
         report = BuildReport()
         geoms, strings = [], []
         self._check_memos()
+        frequency, memo, k = self.frequency, self._memo, -1
         for k, item in enumerate(features):
             try:
                 geom, tags = item
@@ -329,16 +330,15 @@ class OSMGraphBuilder:
             if not isinstance(geom, shapely.Geometry):
                 raise TypeError(f"feature {k}: geometry must be a shapely geometry, got {type(geom).__name__}; "
                                 "convert GeoJSON dicts with shapely.geometry.shape")
-            report.features += 1
             tag_filter = self._filter_for(tags)
-            kept = tags_to_strings(tags, self.frequency, tag_filter, self._memo)
-            if self.frequency is not None and (tag_filter is None or not tag_filter.known_only):
-                report.unknown_keys += sum(tag_key(s) not in self.frequency for s in kept)
-            if not kept:
-                report.dropped_no_tags += 1
-                continue
-            geoms.append(geom)
-            strings.append(kept)
+            kept = tags_to_strings(tags, frequency, tag_filter, memo)
+            if frequency is not None and (tag_filter is None or not tag_filter.known_only):
+                report.unknown_keys += sum(tag_key(s) not in frequency for s in kept)
+            if kept:
+                geoms.append(geom)
+                strings.append(kept)
+        report.features = k + 1
+        report.dropped_no_tags = report.features - len(strings)
         geoms = np.asarray(geoms, dtype=object) if geoms else np.zeros(0, dtype=object)
         empty = shapely.is_empty(geoms)
         report.dropped_empty += int(empty.sum())
