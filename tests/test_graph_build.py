@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import shapely
 import torch
 from shapely.geometry import LineString, MultiLineString, MultiPolygon, Point, Polygon, box
 
@@ -51,6 +52,21 @@ def test_empty_tile(builder):
     assert all(graph[t].x.shape == (0, 384) for t in NODE_TYPES)
     assert all(graph[e].edge_index.shape == (2, 0) for e in EDGE_TYPES)
     assert report.features == 0
+
+
+def test_a_polygon_make_valid_leaves_invalid_is_repaired_or_dropped(builder):
+    """Found by the builder fuzz test: GEOS ``make_valid`` returns an invalid collection for this self-intersecting
+    ring (a near-zero coordinate), and clipping that raised a GEOS TopologyException. The builder repairs it another
+    way; a polygon nothing repairs is dropped and counted."""
+    from geolink.graph.build import repair_polygons
+
+    ring = [(0.5, 0.0, -10), (0.0, 0.0, -10), (-2.512829770709928e-60, 1.0, -10), (1.0, 0.0, -10), (0.0, 1.0, -10),
+            (1.0, 1.0, -18.743563525888973)]
+    assert not shapely.is_valid(shapely.make_valid(Polygon(ring)))  # the GEOS behaviour this guards against
+    graph, report = builder.build([(Polygon(ring), "building:building")], bbox=BBOX, return_report=True)
+    validate_graph(graph, feature_dim=384)
+    assert report.repaired == 1 and graph["polygon"].num_nodes >= 1
+    assert shapely.is_valid(repair_polygons(np.array([Polygon(ring)], dtype=object))).all()
 
 
 def test_multipart_invalid_and_outside(builder):

@@ -9,6 +9,7 @@ Topology lives in :mod:`geolink.graph.relations`, tag handling in :mod:`geolink.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -53,7 +54,7 @@ class BuildReport:
         nodes: nodes per type in the graph.
         outside_bbox: features not intersecting the bbox (dropped).
         clipped: features crossing the bbox edge (clipped to it).
-        repaired: invalid polygons repaired with ``make_valid``.
+        repaired: invalid polygons repaired (:func:`repair_polygons`; one that cannot be is dropped as degenerate).
         split_parts: extra nodes created by splitting multi-part geometries (and repaired/clipped results).
         dropped_empty: empty geometries.
         dropped_nonfinite: geometries with a NaN or infinite coordinate (before or after reprojection).
@@ -187,6 +188,24 @@ def _flatten_parts(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         source = np.concatenate([np.flatnonzero(~multi), np.flatnonzero(multi)[part_of]])
         order = np.argsort(source, kind="stable")  # each feature's parts where the feature was
         geoms, index = np.concatenate([geoms[~multi], parts])[order], index[source[order]]
+
+
+def repair_polygons(polygons: np.ndarray) -> np.ndarray:
+    """Valid versions of invalid polygons: ``shapely.make_valid``; where its result is itself invalid (GEOS does
+    this for some self-intersecting rings with near-zero coordinates, and clipping it then raises), the
+    ``"structure"`` method (shapely >= 2.1), then ``buffer(0)``; a polygon none of them repairs becomes an empty
+    polygon, dropped and counted as degenerate."""
+    repaired = shapely.make_valid(polygons)
+    broken = ~shapely.is_valid(repaired)
+    if broken.any():
+        with contextlib.suppress(TypeError):  # shapely 2.0 has one method only
+            repaired[broken] = shapely.make_valid(polygons[broken], method="structure")
+        broken = ~shapely.is_valid(repaired)
+    if broken.any():
+        repaired[broken] = shapely.buffer(polygons[broken], 0)
+        broken = ~shapely.is_valid(repaired)
+    repaired[broken] = shapely.Polygon()
+    return repaired
 
 
 def polygon_anchors(polygons: np.ndarray) -> np.ndarray:
@@ -352,7 +371,7 @@ class OSMGraphBuilder:
         dims = shapely.get_dimensions(geoms)
         invalid = (dims == 2) & ~shapely.is_valid(geoms)
         if invalid.any():
-            geoms[invalid] = shapely.make_valid(geoms[invalid])
+            geoms[invalid] = repair_polygons(geoms[invalid])
             report.repaired += int(invalid.sum())
         if self.clip and len(geoms):
             tile = shapely.box(*bbox)
