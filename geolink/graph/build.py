@@ -449,23 +449,21 @@ class OSMGraphBuilder:
             raise InputError("OSMGraphBuilder needs a tag_encoder to compute node features x; pass "
                              "tag_encoder=TagEncoder(...) or build the compact form with vocabulary=TagVocabulary()")
         graph = HeteroData()
-        table = unique_index = None
-        if materialize:
-            unique = prepared.unique_tags()
-            unique_index = {s: i for i, s in enumerate(unique)}
-            table = self.tag_encoder.encode(unique).float()
+        if materialize:  # each node's tags as rows of a table of the tile's distinct strings (first-seen order)
+            row_of: dict[str, int] = {}
+            rows = {t: np.fromiter((row_of.setdefault(s, len(row_of)) for node in prepared.tags[t] for s in node),
+                                   dtype=np.int64, count=len(prepared.weights[t])) for t in NODE_TYPES}
+            table = self.tag_encoder.encode(list(row_of)).float()
         for t in NODE_TYPES:
             nodes = prepared.tags[t]
             n = len(nodes)
-            counts = np.fromiter((len(node) for node in nodes), dtype=np.int64, count=n)
-            flat = [s for node in nodes for s in node]
-            flat_w = prepared.weights[t]
+            counts = np.fromiter(map(len, nodes), dtype=np.int64, count=n)
             if materialize:
-                cols = np.fromiter((unique_index[s] for s in flat), dtype=np.int64, count=len(flat))
-                graph[t].x = mix_tags(table, cols, flat_w, counts)
+                graph[t].x = mix_tags(table, rows[t], prepared.weights[t], counts)
             graph[t].pos = torch.from_numpy(prepared.pos[t]).reshape(n, NUM_ANCHORS[t], 2)
             if vocabulary is not None:
-                graph[t].tags, graph[t].tag_weight = pad_tags(vocabulary.add(flat), flat_w, counts)
+                ids = vocabulary.add([s for node in nodes for s in node])
+                graph[t].tags, graph[t].tag_weight = pad_tags(ids, prepared.weights[t], counts)
         for edge_type in EDGE_TYPES:
             edge_index, relation = prepared.edges[edge_type]
             graph[edge_type].edge_index = torch.from_numpy(np.ascontiguousarray(edge_index, dtype=np.int64))

@@ -736,7 +736,7 @@ class TagEncoder:
             self._dirty = True
         if not strings:
             return torch.zeros(0, self.dim)
-        return torch.from_numpy(np.stack([self._cache[s] for s in strings]))
+        return torch.from_numpy(np.concatenate([self._cache[s] for s in strings]).reshape(len(strings), self.dim))
 
     def embedding_table(self, vocabulary: Sequence[str] | object, progress: bool = False) -> torch.Tensor:
         """The ``[V, D]`` table of a :class:`~geolink.graph.tags.TagVocabulary` (or a list of strings)."""
