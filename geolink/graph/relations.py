@@ -1,8 +1,9 @@
 """Vectorised spatial relations between a tile's objects: the nine edge types of DESIGN §3.
 
 Owns topology only. Candidate pairs come from one ``shapely.STRtree`` query per edge family
-(``predicate="intersects"``); each candidate's DE-9IM matrix comes from one vectorised ``shapely.relate`` call
-and is classified with array operations in the order the official builder uses. Points are linked by a Delaunay
+(``predicate="intersects"``; within one node type, bounding boxes only, each unordered pair once); each candidate's
+DE-9IM matrix comes from one vectorised ``shapely.relate`` call and is classified with array operations in the order
+the official builder uses (a pair that does not meet gets no edge). Points are linked by a Delaunay
 triangulation. There is no Python loop over pairs.
 
 Every function returns ``(edge_index [2, E] int64, relation [E] int64)`` where ``relation`` indexes the edge type's
@@ -66,9 +67,9 @@ def same_dim_relations(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(geoms)
     if n == 0:
         return _empty()
-    qi, tj = _intersecting_pairs(geoms, geoms)
+    qi, tj = shapely.STRtree(geoms).query(geoms)  # bounding boxes only: relate tells the pairs that meet apart
     keep = qi < tj
-    i, j = qi[keep], tj[keep]
+    i, j = qi[keep].astype(np.int64), tj[keep].astype(np.int64)
     m = _de9im(geoms[j], geoms[i])
     rel_ij = np.full(len(i), _NONE)
     rel_ji = np.full(len(i), _NONE)
@@ -151,10 +152,10 @@ def delaunay_relations(xy: np.ndarray, min_points: int = 3) -> tuple[np.ndarray,
     if n == 0:
         return _empty()
     pairs = np.zeros((0, 2), dtype=np.int64)
-    if n >= max(min_points, 3) and np.unique(xy, axis=0).shape[0] >= 3:
+    if n >= max(min_points, 3):
         try:
             simplices = Delaunay(xy).simplices.astype(np.int64)
-        except QhullError:  # all points collinear: no triangle exists
+        except QhullError:  # all points collinear or coincident: no triangle exists
             simplices = np.zeros((0, 3), dtype=np.int64)
         if len(simplices):
             a, b, c = simplices.T
