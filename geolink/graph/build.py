@@ -369,7 +369,8 @@ class OSMGraphBuilder:
             geoms = reproject(geoms, feature_crs, crs)
             geoms, strings = self._drop_nonfinite(geoms, strings, report)
         dims = shapely.get_dimensions(geoms)
-        invalid = (dims == 2) & ~shapely.is_valid(geoms)
+        invalid = dims == 2  # only areas are checked and repaired
+        invalid[invalid] = ~shapely.is_valid(geoms[invalid])
         if invalid.any():
             geoms[invalid] = repair_polygons(geoms[invalid])
             report.repaired += int(invalid.sum())
