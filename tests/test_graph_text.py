@@ -224,6 +224,11 @@ def test_token_ids_are_the_tokenizers_own(minilm_path, tiny_clip, max_length):
         encoder._rust_tokenizer = None  # a Python tokenizer: the transformers call itself
         assert encoder._token_ids(texts) == expected
         assert len(encoder.tokenizer(texts[-2])["input_ids"]) > encoder.max_length  # its settings are untouched
+        encoder.tokenizer.truncation_side = "left"  # a tokenizer that keeps the end of long texts
+        encoder._rust_tokenizer = encoder._own_rust_tokenizer()
+        left = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+        assert encoder._token_ids(texts) == left
+        assert folder != minilm_path or left != expected  # (the tiny CLIP vocabulary reads every word as unknown)
 
 
 @pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU has no native bf16 matrix products (avx512_bf16 / AMX)")

@@ -38,8 +38,8 @@ from geolink.graph.tags import (
 )
 
 _TYPE_OF_DIM = {2: "polygon", 1: "line", 0: "point"}
-MEMO_PAIRS = 200_000  # most (key, value) pairs (and tag strings) an OSMGraphBuilder remembers the string
-# (the weight) of, checked when a tile starts
+MEMO_PAIRS = 200_000  # most entries of each OSMGraphBuilder memo ((key, value) -> tag string, tag string -> weight),
+# checked when a tile starts
 _KNOWN_KEYS = TagFilter()  # what tag_filter="auto" keeps of OSM tag dicts: the keys of the frequency table
 _ANGLES = np.radians(360 / 3 * np.arange(3))
 _RADII_STEPS = 10

@@ -527,7 +527,7 @@ class TagEncoder:
             return None
         own = type(backend).from_str(backend.to_str())
         own.no_padding()
-        own.enable_truncation(self.max_length)
+        own.enable_truncation(self.max_length, direction=getattr(self.tokenizer, "truncation_side", "right"))
         return own
 
     def _token_ids(self, strings: list[str]) -> list[list[int]]:
