@@ -116,6 +116,17 @@ def test_linear_op_rows_are_independent_and_match_plain_torch(dtype, monkeypatch
     assert torch.equal(plain(x), torch.nn.functional.gelu(torch.nn.functional.linear(x, layer.weight, layer.bias)))
 
 
+def test_passes_are_topped_up_unless_every_product_is_onednn(minilm_path, monkeypatch):
+    import geolink.graph.text as text
+
+    if text._onednn_packs(torch.zeros(2, 2)):
+        assert TagEncoder(minilm_path)._min_rows == 1
+    monkeypatch.setattr(text, "_onednn_packs", lambda weight: False)  # plain torch: rows independent from MIN_ROWS on
+    encoder = TagEncoder(minilm_path)
+    assert encoder._min_rows == text.MIN_ROWS
+    torch.testing.assert_close(encoder.encode(STRINGS[:1])[0], unpadded(encoder, STRINGS[0]), atol=1e-5, rtol=1e-4)
+
+
 def test_bert_with_relative_positions_runs_unpacked(tmp_path, minilm_path):
     """The packed path knows absolute positions only: another BERT variant runs as the model itself would."""
     from transformers import AutoTokenizer, BertConfig, BertModel

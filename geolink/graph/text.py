@@ -265,6 +265,12 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
+def _onednn_linear(weight: torch.Tensor, activation: str | LinearOp | None) -> bool:
+    """Whether :func:`linear_op` runs ``weight`` with ``activation`` as one oneDNN product (rows independent from one
+    row on) rather than ``F.linear`` plus the activation."""
+    return activation in (None, "gelu") and _onednn_packs(weight)
+
+
 def linear_op(linear: torch.nn.Linear, rows: int, activation: str | LinearOp | None = None) -> LinearOp:
     """``x -> activation(linear(x))`` at the CPU's matrix-product limit, for inference.
 
@@ -281,7 +287,7 @@ def linear_op(linear: torch.nn.Linear, rows: int, activation: str | LinearOp | N
         activation: None, ``"gelu"`` (exact) or a callable applied after the product.
     """
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-    if activation in (None, "gelu") and _onednn_packs(weight):
+    if _onednn_linear(weight, activation):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
@@ -438,10 +444,9 @@ class TagEncoder:
         config = self.model.config
         self._packed = (config.model_type == "bert" and not getattr(config, "is_decoder", False)
                         and getattr(config, "position_embedding_type", "absolute") == "absolute")
-        self._ops = self._make_bert_ops() if self._packed else []  # made once: passes run on several threads
-        # oneDNN's products give each row what it gives alone (tested): passes of any size need no topping up
-        onednn = (self._packed and config.hidden_act == "gelu"
-                  and _onednn_packs(self.model.encoder.layer[0].output.dense.weight))
+        # made once: passes run on several threads; oneDNN's products give each row what it gives alone (tested), so
+        # passes made only of them need no topping up
+        self._ops, onednn = self._make_bert_ops() if self._packed else ([], False)
         self._min_rows = 1 if onednn else MIN_ROWS
         self.backend = backend
         self._session = self._onnx_session() if backend == "onnxruntime" else None
@@ -683,11 +688,11 @@ class TagEncoder:
             hidden = layer.output.LayerNorm(down_op(up_op(hidden)) + hidden)
         return hidden
 
-    def _make_bert_ops(self) -> list[tuple[LinearOp, LinearOp, LinearOp, LinearOp]]:
+    def _make_bert_ops(self) -> tuple[list[tuple[LinearOp, LinearOp, LinearOp, LinearOp]], bool]:
         """Per BERT layer, its four products as :func:`linear_op`: Q, K and V stacked into one ``[3 D, D]`` product
         (each output column the same dot product as in the separate projection), the attention output, the MLP's
-        up-projection with its activation, and its down-projection."""
-        ops, act = [], self.model.config.hidden_act
+        up-projection with its activation, and its down-projection; and whether every product is oneDNN's."""
+        ops, onednn, act = [], True, self.model.config.hidden_act
         for layer in self.model.encoder.layer:
             parts = [layer.attention.self.query, layer.attention.self.key, layer.attention.self.value]
             qkv = torch.nn.Linear(parts[0].in_features, 3 * parts[0].out_features, device=self.device,
@@ -696,10 +701,11 @@ class TagEncoder:
                 qkv.weight.copy_(torch.cat([p.weight for p in parts]))
                 qkv.bias.copy_(torch.cat([p.bias for p in parts]))
             up = layer.intermediate
-            ops.append((linear_op(qkv, self.max_tokens), linear_op(layer.attention.output.dense, self.max_tokens),
-                        linear_op(up.dense, self.max_tokens, "gelu" if act == "gelu" else up.intermediate_act_fn),
-                        linear_op(layer.output.dense, self.max_tokens)))
-        return ops
+            layers = ((qkv, None), (layer.attention.output.dense, None),
+                      (up.dense, "gelu" if act == "gelu" else up.intermediate_act_fn), (layer.output.dense, None))
+            ops.append(tuple(linear_op(linear, self.max_tokens, activation) for linear, activation in layers))
+            onednn = onednn and all(_onednn_linear(linear.weight, activation) for linear, activation in layers)
+        return ops, onednn
 
     def _passes(self, token_ids: Sequence[Sequence[int]]) -> Iterator[range]:
         """Consecutive index ranges of ``token_ids`` (sorted by length) of at most ``batch_size`` strings and
